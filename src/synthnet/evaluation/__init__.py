@@ -1,0 +1,1 @@
+"""Evaluation: scoring of generated and trained networks, and the report that cannot be fooled."""

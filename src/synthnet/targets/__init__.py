@@ -1,0 +1,205 @@
+"""Targets: the architectures whose weights SynthNet synthesizes, kept apart from tasks.
+
+A target is an ordinary ``torch.nn.Module`` built from its config and the task's input
+shape. Every target is a chain of weight layers (linear or convolution) and describes that
+chain with :class:`LayerSpec` entries; the chain is all the rest of SynthNet needs to know:
+tokenisation, permutation of hidden neurons (augmentation, symmetry tests) and neuron
+alignment (evaluation) are written once against it.
+
+A new target is one entry in :data:`TARGETS` plus one YAML file in ``configs/target/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from synthnet.errors import SynthNetError
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One weight layer of a target's chain.
+
+    ``weight`` has shape (out_units, in_features, *kernel); ``bias`` (out_units,).
+    ``in_repeat`` is how many input columns belong to each unit of the previous layer:
+    1 normally, H*W for the first linear layer after flattening C channels of H x W
+    (channel-major, as ``torch.flatten`` lays them out).
+    """
+
+    weight: str
+    bias: str | None
+    kind: str  # "linear" | "conv1d" | "conv2d"
+    in_repeat: int = 1
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid}
+
+
+def activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise SynthNetError(f"unknown activation '{name}'; available: {', '.join(sorted(_ACTIVATIONS))}")
+    return _ACTIVATIONS[name]()
+
+
+class MLP(nn.Module):
+    """Flatten, then ``len(hidden)`` hidden linear layers with an activation, then a linear read-out."""
+
+    def __init__(self, *, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int],
+                 activation_name: str = "relu"):
+        super().__init__()
+        widths = [int(torch.tensor(input_shape).prod())] + [int(h) for h in hidden] + [num_classes]
+        if any(w <= 0 for w in widths):
+            raise SynthNetError(f"mlp widths must be positive, got hidden={list(hidden)}")
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.act = activation(activation_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, *input_shape) -> (batch, classes)
+        x = x.flatten(1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = self.act(x)
+        return x
+
+    def layer_specs(self) -> list[LayerSpec]:
+        return [LayerSpec(f"layers.{i}.weight", f"layers.{i}.bias", "linear") for i in range(len(self.layers))]
+
+
+class CNN(nn.Module):
+    """Convolutions (1-D or 2-D, by the input's rank) with activation and optional max-pooling,
+    then flatten and fully connected layers. Input (batch, channels, *spatial)."""
+
+    def __init__(self, *, input_shape: Sequence[int], num_classes: int, channels: Sequence[int],
+                 kernel_size: int = 3, stride: int = 1, padding: int | None = None, pool: int = 2,
+                 fc: Sequence[int] = (), activation_name: str = "relu", dims: int | None = None):
+        super().__init__()
+        rank = len(input_shape) - 1
+        if rank not in (1, 2):
+            raise SynthNetError(f"cnn needs 1-D signals or 2-D images, got input shape {tuple(input_shape)}")
+        if dims is not None and int(dims) != rank:
+            raise SynthNetError(f"cnn with dims={dims} cannot run on a {rank}-D task (input shape {tuple(input_shape)})")
+        self.rank = rank
+        conv = nn.Conv1d if rank == 1 else nn.Conv2d
+        pool_layer = nn.MaxPool1d if rank == 1 else nn.MaxPool2d
+        padding = kernel_size // 2 if padding is None else int(padding)
+        in_channels = int(input_shape[0])
+        self.convs = nn.ModuleList()
+        for out_channels in channels:
+            self.convs.append(conv(in_channels, int(out_channels), kernel_size, stride=stride, padding=padding))
+            in_channels = int(out_channels)
+        self.pool = pool_layer(pool) if pool and pool > 1 else nn.Identity()
+        self.act = activation(activation_name)
+        with torch.no_grad():
+            features = self._features(torch.zeros(1, *input_shape))
+        if features.numel() == 0 or min(features.shape[2:]) < 1:
+            raise SynthNetError(f"cnn layers shrink input {tuple(input_shape)} to nothing")
+        self.feature_shape = tuple(features.shape[1:])
+        widths = [features[0].numel()] + [int(w) for w in fc] + [num_classes]
+        self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.convs:
+            x = self.pool(self.act(layer(x)))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._features(x).flatten(1)
+        for i, layer in enumerate(self.fcs):
+            x = layer(x)
+            if i < len(self.fcs) - 1:
+                x = self.act(x)
+        return x
+
+    def layer_specs(self) -> list[LayerSpec]:
+        kind = f"conv{self.rank}d"
+        specs = [LayerSpec(f"convs.{i}.weight", f"convs.{i}.bias", kind) for i in range(len(self.convs))]
+        spatial = int(torch.tensor(self.feature_shape[1:]).prod())
+        for i in range(len(self.fcs)):
+            specs.append(LayerSpec(f"fcs.{i}.weight", f"fcs.{i}.bias", "linear",
+                                   in_repeat=spatial if i == 0 and self.convs else 1))
+        return specs
+
+
+def _build_mlp(cfg: Mapping, input_shape, num_classes) -> nn.Module:
+    return MLP(input_shape=input_shape, num_classes=num_classes, hidden=list(cfg.get("hidden", [32])),
+               activation_name=cfg.get("activation", "relu"))
+
+
+def _build_cnn(cfg: Mapping, input_shape, num_classes) -> nn.Module:
+    return CNN(input_shape=input_shape, num_classes=num_classes, channels=list(cfg.get("channels", [16, 32])),
+               kernel_size=int(cfg.get("kernel_size", 3)), stride=int(cfg.get("stride", 1)),
+               padding=cfg.get("padding"), pool=int(cfg.get("pool", 2) or 0), fc=list(cfg.get("fc", [])),
+               activation_name=cfg.get("activation", "relu"), dims=cfg.get("dims"))
+
+
+def _build_poc_cnn(cfg: Mapping, input_shape, num_classes) -> nn.Module:
+    """The proof of concept's MNIST CNN: 421,642 parameters, needs 1 x 28 x 28 images."""
+    if tuple(input_shape) != (1, 28, 28) or num_classes != 10:
+        raise SynthNetError(f"poc_cnn needs 1x28x28 images with 10 classes (task mnist); "
+                            f"this task gives input {tuple(input_shape)} with {num_classes} classes")
+    return CNN(input_shape=input_shape, num_classes=num_classes, channels=[32, 64], kernel_size=3,
+               padding=1, pool=2, fc=[128], activation_name="relu", dims=2)
+
+
+TARGETS: dict[str, Callable[[Mapping, tuple, int], nn.Module]] = {
+    "mlp": _build_mlp,
+    "cnn": _build_cnn,
+    "poc_cnn": _build_poc_cnn,
+}
+
+
+def build_target(cfg: Mapping, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Build the target named ``cfg['name']`` for a task's input shape (channel first) and classes."""
+    name = cfg["name"]
+    if name not in TARGETS:
+        raise SynthNetError(f"unknown target '{name}'; available: {', '.join(sorted(TARGETS))}")
+    return TARGETS[name](cfg, tuple(input_shape), int(num_classes))
+
+
+def init_state_dict(cfg: Mapping, input_shape: Sequence[int], num_classes: int, seed: int) -> dict[str, torch.Tensor]:
+    """The target's own random initialisation for ``seed``, without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = build_target(cfg, input_shape, num_classes)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def hidden_sizes(specs: Sequence[LayerSpec], state_dict: Mapping[str, torch.Tensor]) -> list[int]:
+    """Number of hidden units after each layer but the last (the permutable ones)."""
+    return [int(state_dict[s.weight].shape[0]) for s in specs[:-1]]
+
+
+def _expand(perm: torch.Tensor, repeat: int) -> torch.Tensor:
+    if repeat == 1:
+        return perm
+    return (perm[:, None] * repeat + torch.arange(repeat, device=perm.device)).reshape(-1)
+
+
+def permute_hidden(state_dict: Mapping[str, torch.Tensor], specs: Sequence[LayerSpec],
+                   perms: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Reorder hidden units: ``perms[i]`` reorders the outputs of layer i and the matching inputs
+    of layer i+1. The result computes exactly the same function."""
+    if len(perms) != len(specs) - 1:
+        raise SynthNetError(f"need {len(specs) - 1} permutations, got {len(perms)}")
+    out = dict(state_dict)
+    for i, perm in enumerate(perms):
+        layer, nxt = specs[i], specs[i + 1]
+        out[layer.weight] = out[layer.weight][perm]
+        if layer.bias is not None:
+            out[layer.bias] = out[layer.bias][perm]
+        out[nxt.weight] = out[nxt.weight][:, _expand(perm, nxt.in_repeat)]
+    return out
+
+
+def random_permutations(specs: Sequence[LayerSpec], state_dict: Mapping[str, torch.Tensor],
+                        generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """One uniformly random permutation per hidden layer."""
+    return [torch.randperm(n, generator=generator) for n in hidden_sizes(specs, state_dict)]
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,151 @@
+"""The checkpoint zoo: many real training runs of one target on one task, every checkpoint kept.
+
+Layout (one folder per target on a task; ``generated/`` sits beside ``checkpoints/``)::
+
+    <target_dir>/checkpoints/seed_000003/step_0000000.safetensors   # the random init
+    <target_dir>/checkpoints/seed_000003/step_0000040.safetensors   # after epoch 1, ...
+
+Each file's header holds the target name and config, the task, the seed, the step and
+epoch, the train loss, validation loss and accuracy, test loss and accuracy, the recipe
+and the package version. A run counts as complete when its final checkpoint exists with
+the same target, task and recipe; re-running skips it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from synthnet import __version__
+from synthnet.errors import SynthNetError
+from synthnet.storage import read_metadata, save_state_dict
+from synthnet.tasks import Task
+from synthnet.targets import init_state_dict
+from synthnet.zoo.training import Checkpoint, Recipe, steps_per_epoch, train_runs
+
+_STEP_FILE = re.compile(r"step_(\d+)\.safetensors$")
+_RUN_DIR = re.compile(r"seed_(\d+)$")
+
+
+def checkpoint_path(checkpoints_dir: str | Path, seed: int, step: int) -> Path:
+    return Path(checkpoints_dir) / f"seed_{int(seed):06d}" / f"step_{int(step):07d}.safetensors"
+
+
+def list_runs(checkpoints_dir: str | Path) -> dict[int, list[Path]]:
+    """``{seed: [checkpoint paths ordered by step]}`` for every run folder under ``checkpoints_dir``."""
+    runs: dict[int, list[Path]] = {}
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return runs
+    for run_dir in sorted(root.iterdir()):
+        match = _RUN_DIR.match(run_dir.name)
+        if not match or not run_dir.is_dir():
+            continue
+        files = [p for p in run_dir.iterdir() if _STEP_FILE.match(p.name)]
+        files.sort(key=lambda p: int(_STEP_FILE.match(p.name).group(1)))
+        if files:
+            runs[int(match.group(1))] = files
+    return runs
+
+
+def step_of(path: Path) -> int:
+    return int(_STEP_FILE.match(Path(path).name).group(1))
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """Everything that decides a zoo's contents, stored in every header and checked on reuse."""
+
+    target_config: dict
+    task_config: dict
+    recipe: Recipe
+
+    def provenance(self) -> dict[str, Any]:
+        return {"target": self.target_config["name"], "target_config": self.target_config,
+                "task": self.task_config["name"], "task_config": self.task_config, "recipe": asdict(self.recipe)}
+
+
+def _matches(metadata: Mapping[str, Any], spec: ZooSpec) -> bool:
+    wanted = spec.provenance()
+    return all(metadata.get(key) == value for key, value in wanted.items())
+
+
+def completed_seeds(checkpoints_dir: str | Path, seeds: Sequence[int], spec: ZooSpec, final_step: int) -> list[int]:
+    """Seeds whose final checkpoint exists. A final checkpoint from another config is an error."""
+    done = []
+    for seed in seeds:
+        path = checkpoint_path(checkpoints_dir, seed, final_step)
+        if not path.exists():
+            continue
+        if not _matches(read_metadata(path), spec):
+            raise SynthNetError(f"{path} was made with a different target, task or recipe; "
+                                f"choose another paths.root or remove {Path(checkpoints_dir)}")
+        done.append(seed)
+    return done
+
+
+def build_zoo(*, model: nn.Module, spec: ZooSpec, task: Task, seeds: Sequence[int], checkpoints_dir: str | Path,
+              group_size: int = 8, rank: int = 0, world_size: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Train the missing runs among ``seeds`` (this rank's share) and write their checkpoints.
+
+    Runs are trained ``group_size`` at a time (one vmapped computation per group). Groups
+    are fixed by the seed list alone and dealt round-robin to ranks, so one process and
+    several write the same files. Returns ``{"trained": [...], "skipped": [...], "seconds": s}``.
+    """
+    recipe = spec.recipe
+    final_step = int(recipe.epochs) * steps_per_epoch(task, recipe)
+    skipped = completed_seeds(checkpoints_dir, seeds, spec, final_step)
+    todo = [int(s) for s in seeds if int(s) not in set(skipped)]
+    groups = [todo[i:i + group_size] for i in range(0, len(todo), group_size)]
+    mine = [g for i, g in enumerate(groups) if i % world_size == rank]
+    provenance = spec.provenance()
+    start = time.perf_counter()
+    bar = tqdm(total=sum(len(g) for g in mine), desc="zoo runs", disable=not progress, leave=False,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total} runs [{elapsed}<{remaining}{postfix}]")
+
+    def save(checkpoint: Checkpoint) -> None:
+        metadata = {**provenance, "seed": checkpoint.seed, "step": checkpoint.step, "epoch": checkpoint.epoch,
+                    "final": checkpoint.step == final_step, "final_step": final_step,
+                    "train_loss": checkpoint.train_loss, "val_loss": checkpoint.val_loss,
+                    "val_accuracy": checkpoint.val_accuracy, "test_loss": checkpoint.test_loss,
+                    "test_accuracy": checkpoint.test_accuracy, "synthnet_version": __version__}
+        save_state_dict(checkpoint_path(checkpoints_dir, checkpoint.seed, checkpoint.step), checkpoint.state_dict,
+                        metadata)
+
+    for group in mine:
+        inits = [init_state_dict(spec.target_config, task.input_shape, task.num_classes, seed) for seed in group]
+        bar.set_postfix(seeds=f"{group[0]}..{group[-1]}")
+        train_runs(model, inits, group, task, recipe, save,
+                   on_epoch=lambda epoch, n=len(group): bar.update(n / recipe.epochs))
+    bar.close()
+    return {"trained": [s for g in mine for s in g], "skipped": skipped, "seconds": time.perf_counter() - start}
+
+
+def summarize(checkpoints_dir: str | Path, seeds: Sequence[int], final_step: int) -> dict[str, Any]:
+    """Statistics over the final checkpoints of ``seeds`` (read from headers only)."""
+    runs = list_runs(checkpoints_dir)
+    finals = [read_metadata(checkpoint_path(checkpoints_dir, s, final_step)) for s in seeds]
+    out: dict[str, Any] = {"runs": len(finals), "checkpoints": sum(len(runs.get(int(s), [])) for s in seeds)}
+    for key in ("val_accuracy", "test_accuracy"):
+        values = np.array([m[key] for m in finals], dtype=float)
+        out[key] = {"mean": float(values.mean()), "std": float(values.std()),
+                    "min": float(values.min()), "max": float(values.max())}
+    return out
+
+
+def format_summary(summary: Mapping[str, Any], seconds: float) -> str:
+    rows = [("runs", f"{summary['runs']}"), ("checkpoints", f"{summary['checkpoints']}")]
+    for key, label in (("val_accuracy", "final val accuracy"), ("test_accuracy", "final test accuracy")):
+        s = summary[key]
+        rows.append((label, f"mean {s['mean']:.4f}  std {s['std']:.4f}  min {s['min']:.4f}  max {s['max']:.4f}"))
+    rows.append(("wall seconds", f"{seconds:.1f}"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"| {k.ljust(width)} | {v} |" for k, v in rows)
