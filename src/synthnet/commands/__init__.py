@@ -1,0 +1,3 @@
+"""One module per CLI command; importing this package registers them all with :mod:`synthnet.cli`."""
+
+from synthnet.commands import zoo  # noqa: F401
