@@ -97,7 +97,7 @@ def usage() -> str:
     lines += [f"  {group}: {', '.join(options)}" for group, options in sorted(config_groups().items())]
     lines += ["", "Any config key can be overridden, e.g. zoo.runs=16 paths.root=/tmp/synthnet.",
               "`synthnet config [overrides]` prints the full config with its comments' defaults.",
-              "Multi-process: torchrun --nproc_per_node=2 -m synthnet.cli zoo ..."]
+              "Multi-process: torchrun --nproc_per_node=2 -m synthnet zoo ..."]
     return "\n".join(lines)
 
 
@@ -130,5 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as a file: use the importable module so commands register once
+    from synthnet.cli import main as package_main
+
+    sys.exit(package_main())

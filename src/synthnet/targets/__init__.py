@@ -74,7 +74,7 @@ class CNN(nn.Module):
     then flatten and fully connected layers. Input (batch, channels, *spatial)."""
 
     def __init__(self, *, input_shape: Sequence[int], num_classes: int, channels: Sequence[int],
-                 kernel_size: int = 3, stride: int = 1, padding: int | None = None, pool: int = 2,
+                 kernel_size: int | Sequence[int] = 3, stride: int = 1, padding: int | None = None, pool: int = 2,
                  fc: Sequence[int] = (), activation_name: str = "relu", dims: int | None = None):
         super().__init__()
         rank = len(input_shape) - 1
@@ -85,11 +85,14 @@ class CNN(nn.Module):
         self.rank = rank
         conv = nn.Conv1d if rank == 1 else nn.Conv2d
         pool_layer = nn.MaxPool1d if rank == 1 else nn.MaxPool2d
-        padding = kernel_size // 2 if padding is None else int(padding)
+        kernels = [int(kernel_size)] * len(channels) if isinstance(kernel_size, int) else [int(k) for k in kernel_size]
+        if len(kernels) != len(channels):
+            raise SynthNetError(f"cnn kernel_size needs one entry per conv layer ({len(channels)}), got {kernels}")
         in_channels = int(input_shape[0])
         self.convs = nn.ModuleList()
-        for out_channels in channels:
-            self.convs.append(conv(in_channels, int(out_channels), kernel_size, stride=stride, padding=padding))
+        for out_channels, kernel in zip(channels, kernels):
+            pad = kernel // 2 if padding is None else int(padding)
+            self.convs.append(conv(in_channels, int(out_channels), kernel, stride=stride, padding=pad))
             in_channels = int(out_channels)
         self.pool = pool_layer(pool) if pool and pool > 1 else nn.Identity()
         self.act = activation(activation_name)
@@ -131,9 +134,13 @@ def _build_mlp(cfg: Mapping, input_shape, num_classes) -> nn.Module:
 
 def _build_cnn(cfg: Mapping, input_shape, num_classes) -> nn.Module:
     return CNN(input_shape=input_shape, num_classes=num_classes, channels=list(cfg.get("channels", [16, 32])),
-               kernel_size=int(cfg.get("kernel_size", 3)), stride=int(cfg.get("stride", 1)),
+               kernel_size=_int_or_list(cfg.get("kernel_size", 3)), stride=int(cfg.get("stride", 1)),
                padding=cfg.get("padding"), pool=int(cfg.get("pool", 2) or 0), fc=list(cfg.get("fc", [])),
                activation_name=cfg.get("activation", "relu"), dims=cfg.get("dims"))
+
+
+def _int_or_list(value):
+    return int(value) if isinstance(value, (int, float, str)) else [int(v) for v in value]
 
 
 def _build_poc_cnn(cfg: Mapping, input_shape, num_classes) -> nn.Module:
