@@ -19,12 +19,13 @@ def zoo_command(cfg: DictConfig) -> None:
     from synthnet import distributed
     from synthnet.tasks import build_task
     from synthnet.targets import build_target
-    from synthnet.zoo import ZooSpec, build_zoo, format_summary, summarize
+    from synthnet.zoo import ZooSpec, build_zoo, default_group_size, format_summary, summarize
     from synthnet.zoo.training import Recipe, steps_per_epoch
 
     runs = positive_int(cfg, "zoo.runs")
     positive_int(cfg, "zoo.epochs")
-    positive_int(cfg, "zoo.group_size")
+    if cfg.zoo.group_size is not None:
+        positive_int(cfg, "zoo.group_size")
     recipe = Recipe(epochs=cfg.zoo.epochs, batch_size=cfg.zoo.batch_size, optimizer=cfg.zoo.optimizer,
                     lr=float(cfg.zoo.lr), momentum=float(cfg.zoo.momentum), weight_decay=float(cfg.zoo.weight_decay),
                     checkpoint_every=cfg.zoo.checkpoint_every)
@@ -37,7 +38,7 @@ def zoo_command(cfg: DictConfig) -> None:
     if rank == 0:
         log.info("%s; zoo of %d runs -> %s", task.summary(), runs, cfg.paths.checkpoints_dir)
     result = build_zoo(model=model, spec=spec, task=task, seeds=seeds, checkpoints_dir=cfg.paths.checkpoints_dir,
-                       group_size=cfg.zoo.group_size, rank=rank, world_size=world_size,
+                       group_size=cfg.zoo.group_size or default_group_size(model), rank=rank, world_size=world_size,
                        progress=cfg.progress and rank == 0)
     distributed.barrier()
     if rank == 0:
