@@ -1,0 +1,145 @@
+"""The README's main results table: the whole pipeline with fixed seeds on three settings.
+
+For each setting (digits MLP, MNIST-1D MLP, MNIST-1D CNN) this runs, in-process through the
+one CLI entry point, ``synthnet zoo``, ``synthnet train`` for each generator (imitation;
+``--grpo`` adds GRPO fine-tuning of the first one) and ``synthnet evaluate``, then reads each
+``report.json`` and writes one table between ``<!-- results:start -->`` and
+``<!-- results:end -->`` in README.md, with the command that reproduces it and the machine it
+ran on. ``--table-only`` rebuilds the table from existing reports.
+
+    python bench/results_table.py --root runs/bench            # everything (CPU: tens of minutes)
+    python bench/results_table.py --root runs/bench --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+SETTINGS = [  # (label, folder under the root, overrides)
+    ("digits MLP", "digits-mlp", ["target=mlp", "task=digits"]),
+    ("MNIST-1D MLP", "mnist1d-mlp", ["experiment=mnist1d_mlp"]),
+    ("MNIST-1D CNN", "mnist1d-cnn", ["experiment=mnist1d_cnn"]),
+]
+
+
+def run(argv: list[str]) -> None:
+    from synthnet.cli import COMMANDS, main
+
+    import synthnet.commands  # noqa: F401  (registers the commands)
+
+    if argv[0] not in COMMANDS:
+        raise SystemExit(f"results_table: `synthnet {argv[0]}` does not exist in this checkout; "
+                         f"available: {', '.join(COMMANDS)}")
+    print("+ synthnet " + shlex.join(argv), flush=True)
+    code = main(argv)
+    if code != 0:
+        raise SystemExit(f"results_table: `synthnet {shlex.join(argv)}` failed with exit code {code}")
+
+
+def pipeline(root: Path, overrides: list[str], args: argparse.Namespace) -> None:
+    common = [f"paths.root={root}", f"seed={args.seed}", "progress=false", *args.override]
+    run(["zoo", *overrides, *common, f"zoo.runs={args.runs}"])
+    if not args.skip_train:
+        for generator in args.generators:
+            run(["train", *overrides, *common, f"generator={generator}", "method=imitation"])
+        if args.grpo:
+            run(["train", *overrides, *common, f"generator={args.generators[0]}", "method=grpo"])
+    run(["evaluate", *overrides, *common, f"evaluate.count={args.count}"])
+
+
+def _f(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def table(root: Path, command: str, settings: list[str]) -> str:
+    """Markdown for the README from ``<root>/<setting>/reports/report.json``."""
+    lines = ["| setting | networks | test accuracy | accuracy ratio | novelty ratio (max IoU) | at matched accuracy "
+             "| weight novelty ratio | diversity ratio | input sensitivity | time-to-accuracy ratio | dominated by |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    machines = set()
+    for label, folder, _ in [s for s in SETTINGS if s[1] in settings]:
+        path = root / folder / "reports" / "report.json"
+        if not path.is_file():
+            raise SystemExit(f"results_table: no report at {path}; run without --table-only first")
+        report = json.loads(path.read_text())
+        machines.add(report["header"].get("machine", "unknown"))
+        twins = report["twins"]
+        for name, gen in report["generators"].items():
+            h = gen["headline"]
+            flag = " (insensitive)" if gen["input_sensitivity"]["input_insensitive"] else ""
+            lines.append(f"| {label} | {name} | {_f(gen['test_accuracy']['mean'])} ± {_f(gen['test_accuracy']['std'])} "
+                         f"| {_f(h['accuracy_ratio'])} | {_f(h['novelty_ratio'])} "
+                         f"| {_f(h.get('novelty_ratio_matched_accuracy'))} | {_f(h['weight_novelty_ratio'])} "
+                         f"| {_f(h['diversity_ratio'])} | {_f(h['input_sensitivity_ratio'])}{flag} "
+                         f"| {_f(h['time_to_accuracy_ratio'], 1)} | {', '.join(gen['placement']['dominated_by']) or 'none'} |")
+        lines.append(f"| {label} | SGD twins (same inits) | {_f(twins['test_accuracy']['mean'])} ± "
+                     f"{_f(twins['test_accuracy']['std'])} | 1 | 1 (max IoU {_f(twins['max_iou_vs_zoo']['mean'])}) "
+                     f"| 1 | 1 | 1 | 1 | 1 | |")
+        for name in ("aligned average", "noise x0.1"):
+            if name in report["baselines"]:
+                row = report["baselines"][name]
+                lines.append(f"| {label} | baseline: {name} | {_f(row['test_accuracy']['mean'])} ± "
+                             f"{_f(row['test_accuracy']['std'])} | {_f(row['test_accuracy']['mean'] / twins['test_accuracy']['mean'])} "
+                             f"| {_f(row['max_iou_vs_zoo']['mean'] / twins['max_iou_vs_zoo']['mean'])} | "
+                             f"| {_f(row['nearest_zoo_distance_aligned']['mean'] / twins['nearest_zoo_distance_aligned']['mean'])} "
+                             f"| {_f(row['diversity_disagreement'] / twins['diversity_disagreement'])} | | | |")
+    lines += ["", "Ratios are generated / SGD twin (twins: the target trained with the zoo's recipe from the same "
+              "inits). Novelty ratio (max error-set IoU with any zoo final) below 1: fewer test errors shared with the "
+              "zoo than an independent SGD run; 'at matched accuracy' compares with each twin where SGD first reached "
+              "the generated network's accuracy. Weight novelty ratio (aligned distance to the nearest zoo checkpoint) "
+              "above 1: farther from the zoo. Time-to-accuracy ratio = twin training time to the same test accuracy "
+              "/ generation time (above 1: generating is faster).", "",
+              f"Reproduce: `{command}`", "", f"Machine: {'; '.join(sorted(machines))}"]
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, text: str) -> None:
+    from synthnet.storage import atomic_write_bytes
+
+    if not readme.is_file():
+        raise SystemExit(f"results_table: {readme} does not exist")
+    content = readme.read_text()
+    if content.count(START) != 1 or content.count(END) != 1 or content.index(START) > content.index(END):
+        raise SystemExit(f"results_table: {readme} needs exactly one '{START}' line followed by one '{END}' "
+                         f"line where the table goes")
+    head, rest = content.split(START)
+    _, tail = rest.split(END)
+    atomic_write_bytes(readme, (head + START + "\n" + text + "\n" + END + tail).encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="runs/bench", type=Path, help="paths.root for every stage")
+    parser.add_argument("--readme", default=Path(__file__).resolve().parents[1] / "README.md", type=Path)
+    parser.add_argument("--runs", type=int, default=48, help="zoo runs per setting")
+    parser.add_argument("--count", type=int, default=16, help="generated networks and SGD twins per row")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--generators", nargs="+", default=["perceiver_moe", "flat_mlp"])
+    parser.add_argument("--grpo", action="store_true", help="also GRPO-tune the first generator")
+    parser.add_argument("--skip-train", action="store_true", help="evaluate the generator files already there")
+    parser.add_argument("--table-only", action="store_true", help="only rebuild the table from existing reports")
+    parser.add_argument("--settings", nargs="+", default=[s[1] for s in SETTINGS], help="folders to run")
+    parser.add_argument("--override", nargs="*", default=[], help="extra key=value overrides for every stage")
+    args = parser.parse_args(argv)
+    readme_text = args.readme.read_text() if args.readme.is_file() else ""
+    if START not in readme_text or END not in readme_text:  # fail before hours of work, not after
+        raise SystemExit(f"results_table: {args.readme} lacks the '{START}' / '{END}' markers")
+    if not args.table_only:
+        for label, folder, overrides in SETTINGS:
+            if folder in args.settings:
+                print(f"\n=== {label} ===", flush=True)
+                pipeline(args.root, overrides, args)
+    command = "python bench/results_table.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    write_readme(args.readme, table(args.root, command.strip(), args.settings))
+    print(f"results table written to {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""``synthnet evaluate``: generated networks beside SGD twins, the zoo and trivial baselines."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from synthnet.cli import command, container, positive_int
+from synthnet.errors import SynthNetError
+
+log = logging.getLogger("synthnet")
+
+
+def generator_files(cfg: DictConfig) -> list[Path]:
+    """``evaluate.generators`` if given (``[]`` = none), else every generator file in ``paths.generators_dir``."""
+    listed = OmegaConf.select(cfg, "evaluate.generators")
+    if listed is not None:
+        paths = [Path(p) for p in listed]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise SynthNetError(f"no generator file {missing[0]}; list files that exist in evaluate.generators")
+        return paths
+    folder = Path(cfg.paths.generators_dir)
+    paths = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not paths:
+        raise SynthNetError(f"no generator files (*.safetensors) in {folder}; train one with `synthnet train "
+                            f"target={cfg.target.name} task={cfg.task.name}`, or pass evaluate.generators=[] "
+                            f"to evaluate twins and baselines only")
+    return paths
+
+
+def reproduce_command(cfg: DictConfig, count: int, steps: int) -> str:
+    """The command line of this run when it came from the console script, else one rebuilt from the config."""
+    import shlex
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "evaluate" and Path(sys.argv[0]).name in ("synthnet", "cli.py"):
+        return "synthnet " + shlex.join(sys.argv[1:])
+    return (f"synthnet evaluate target={cfg.target.name} task={cfg.task.name} paths.root={cfg.paths.root} "
+            f"evaluate.count={count} evaluate.steps={steps}")
+
+
+def machine(device: str) -> str:
+    import torch
+
+    text = f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    if device != "cpu" and torch.accelerator.is_available():
+        text += f", {torch.accelerator.current_accelerator()}"
+    return text + f", device={device}"
+
+
+def load_zoo(cfg: DictConfig, model, pool: str):
+    """The zoo's final checkpoints (and the novelty pool) after checking they fit the config."""
+    import torch
+
+    from synthnet.evaluation.pipeline import ZooFinals
+    from synthnet.evaluation.scoring import stack_state_dicts
+    from synthnet.storage import load_state_dict, read_metadata
+    from synthnet.zoo import list_runs, step_of
+
+    runs = list_runs(cfg.paths.checkpoints_dir)
+    hint = f"make one with `synthnet zoo target={cfg.target.name} task={cfg.task.name}`"
+    if not runs:
+        raise SynthNetError(f"no zoo in {cfg.paths.checkpoints_dir}; {hint}")
+    target, task = container(cfg.target), container(cfg.task)
+    seeds, finals, val_accuracy, pool_states, pool_seeds, recipe = [], [], [], [], [], None
+    for seed, paths in sorted(runs.items()):
+        metadata = read_metadata(paths[-1])
+        if not metadata.get("final"):
+            log.warning("zoo run %d is incomplete (last step %d); left out", seed, step_of(paths[-1]))
+            continue
+        if metadata.get("target_config") != target or metadata.get("task_config") != task:
+            raise SynthNetError(f"{paths[-1]} was made for another target or task than "
+                                f"target={cfg.target.name} task={cfg.task.name} with these options; {hint} "
+                                f"under another paths.root")
+        recipe = recipe or metadata["recipe"]
+        state, _ = load_state_dict(paths[-1], model)
+        seeds.append(seed)
+        finals.append(state)
+        val_accuracy.append(float(metadata["val_accuracy"]))
+        if pool == "all":
+            middle = [p for p in paths[:-1] if step_of(p) > 0]
+            pool_states += [load_state_dict(p, model)[0] for p in middle]
+            pool_seeds += [seed] * len(middle)
+    if len(seeds) < 2:
+        raise SynthNetError(f"the zoo in {cfg.paths.checkpoints_dir} has {len(seeds)} complete runs; evaluation "
+                            f"needs at least 2 ({hint} zoo.runs=16)")
+    stacked = stack_state_dicts(finals)
+    pool_stack = stack_state_dicts(finals + pool_states) if pool_states else stacked
+    pool_name = "checkpoints (every step > 0)" if pool == "all" else "final checkpoints"
+    return ZooFinals(seeds, stacked, val_accuracy, {k: v.to(torch.float32) for k, v in pool_stack.items()},
+                     pool_name, seeds + pool_seeds), recipe
+
+
+@command("evaluate", "score generated networks against SGD twins, the zoo and trivial baselines (evaluate.*)")
+def evaluate_command(cfg: DictConfig) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from synthnet.evaluation.baselines import build_baselines
+    from synthnet.evaluation.pipeline import Generated, Options, evaluate
+    from synthnet.evaluation.report import write_report
+    from synthnet.evaluation.twins import train_twins
+    from synthnet.generation import check_layout, generate_networks, target_layout
+    from synthnet.generators import load_generator
+    from synthnet.tasks import build_task
+    from synthnet.targets import build_target, init_state_dict
+    from synthnet.zoo.training import Recipe, steps_per_epoch
+
+    count = positive_int(cfg, "evaluate.count")
+    steps = positive_int(cfg, "evaluate.steps")
+    pool = cfg.evaluate.novelty_pool
+    if pool not in ("final", "all"):
+        raise SynthNetError(f"evaluate.novelty_pool must be final or all, got {pool!r}")
+    device = torch.device(cfg.device)
+    target_config, task_config = container(cfg.target), container(cfg.task)
+    task = build_task(task_config, cfg.paths.data_dir)
+    model = build_target(target_config, task.input_shape, task.num_classes).to(device)
+    specs = model.layer_specs()
+    files = generator_files(cfg)
+    zoo, recipe_fields = load_zoo(cfg, model, pool)
+    seeds = list(range(int(cfg.evaluate.first_seed), int(cfg.evaluate.first_seed) + count))
+    log.info("%s; zoo of %d runs; %d evaluation inits from seed %d; %d generator(s)", task.summary(),
+             len(zoo.seeds), count, seeds[0], len(files))
+    stages = 2 * len(files) + 3 + 2 + 4 + len(cfg.evaluate.noise_scales)  # see the bar.update / tick calls
+    bar = tqdm(total=stages, desc="evaluate", disable=not cfg.progress, leave=False)
+
+    generated = []
+    for path in files:
+        bar.set_postfix_str(f"generate {path.stem}")
+        loaded = load_generator(path, device)
+        if loaded.target_config != target_config or loaded.task_config != task_config:
+            log.warning("%s was trained for %s on %s; evaluating it on %s on %s", path.name,
+                        loaded.target_config, loaded.task_config.get("name"), target_config, task_config["name"])
+        _, layout = target_layout(target_config, task.input_shape, task.num_classes, loaded.chunk_size)
+        check_layout(layout, loaded.metadata.get("num_tokens"), str(path))
+        try:
+            generate_networks(loaded.model, layout, target_config, task.input_shape, task.num_classes, seeds[:1],
+                              steps, device=device)  # warm-up, not timed
+        except RuntimeError as exc:
+            raise SynthNetError(f"{path} cannot generate {cfg.target.name} networks of this size "
+                                f"({str(exc).strip().splitlines()[0]}); leave it out of evaluate.generators") from None
+        runs = [generate_networks(loaded.model, layout, target_config, task.input_shape, task.num_classes, seeds,
+                                  steps, device=device) for _ in range(positive_int(cfg, "evaluate.timing_repeats"))]
+        out, seconds = runs[-1], sorted(r.seconds for r in runs)[len(runs) // 2]  # median wall time
+        generated.append(Generated(path.stem, out.state_dicts, seconds,
+                                   {"file": str(path), "generator": loaded.config.get("name"), "steps": steps}))
+        bar.update(1)
+
+    recipe = Recipe(**{**recipe_fields, "checkpoint_every": None})
+    final_step = int(recipe.epochs) * steps_per_epoch(task, recipe)
+    every = max(1, final_step // positive_int(cfg, "evaluate.twin_checkpoints"))
+    bar.set_postfix_str(f"SGD twins ({final_step} steps)")
+    inits = [init_state_dict(target_config, task.input_shape, task.num_classes, s) for s in seeds]
+    twins = train_twins(model, inits, seeds, task, Recipe(**{**recipe_fields, "checkpoint_every": every}))
+    bar.update(3)
+    log.info("twins: test accuracy %.4f after %d steps (%.1f s)", float(twins.test_accuracy[-1].mean()),
+             final_step, float(twins.gross_seconds[-1]))
+
+    baselines = build_baselines(zoo.finals, zoo.seeds, zoo.val_accuracy, specs, count_per_baseline=count,
+                                average_size=int(cfg.evaluate.average_size),
+                                noise_scales=[float(s) for s in cfg.evaluate.noise_scales], seed=int(cfg.seed))
+    options = Options(insensitive_below=float(cfg.evaluate.insensitive_below),
+                      prune_fractions=tuple(float(p) for p in cfg.evaluate.prune_fractions))
+
+    def tick(stage: str) -> None:
+        bar.set_postfix_str(stage)
+        bar.update(1)
+
+    start = time.perf_counter()
+    result = evaluate(model=model, specs=specs, task=task, zoo=zoo, twins=twins, generated=generated,
+                      baselines=baselines, options=options, progress=tick)
+    bar.close()
+    header = {"target": cfg.target.name, "target_config": target_config, "task": cfg.task.name,
+              "generation_steps": steps, "networks_per_row": count, "evaluation_seeds": f"{seeds[0]}..{seeds[-1]}",
+              "recipe": recipe_fields, "machine": machine(str(cfg.device)),
+              "timing": f"generation: median of {cfg.evaluate.timing_repeats} runs after a warm-up; twins: one run, "
+                        f"checkpoint every {every} steps",
+              "command": reproduce_command(cfg, count, steps),
+              "scoring_seconds": round(time.perf_counter() - start, 1)}
+    paths = write_report(result, header, cfg.paths.reports_dir)
+    print(f"evaluate: {cfg.target.name} on {cfg.task.name} -> {paths['markdown']}")
+    for name, gen in result["generators"].items():
+        h = gen["headline"]
+        print(f"| {name} | acc ratio {h['accuracy_ratio']:.3f} | novelty ratio {h['novelty_ratio']:.3f} | "
+              f"diversity ratio {h['diversity_ratio']:.3f} | sensitivity {h['input_sensitivity_ratio']:.3f}"
+              f"{' (INPUT-INSENSITIVE)' if gen['input_sensitivity']['input_insensitive'] else ''} | "
+              f"time ratio {h['time_to_accuracy_ratio']:.1f} | dominated by "
+              f"{', '.join(gen['placement']['dominated_by']) or 'no baseline'} |")
+    print(f"| SGD twins | test accuracy {result['twins']['test_accuracy']['mean']:.4f} | max IoU vs zoo "
+          f"{result['twins']['max_iou_vs_zoo']['mean']:.3f} |")

@@ -1,0 +1,86 @@
+"""``synthnet generate``: new networks from fresh random inits with a trained generator."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from synthnet.cli import command, container, positive_int
+from synthnet.errors import SynthNetError
+
+log = logging.getLogger("synthnet")
+
+
+def check_generator_matches(path: Path, loaded, target_config: dict, task_config: dict) -> None:
+    """A generator only makes weights for the target (and task) it was trained on."""
+    if loaded.target_config != target_config:
+        raise SynthNetError(f"{path} was trained for target {loaded.target_config}, not {target_config}; "
+                            f"pass the same target= overrides as for `synthnet train`")
+    if loaded.task_config.get("name") != task_config.get("name"):
+        raise SynthNetError(f"{path} was trained on task '{loaded.task_config.get('name')}', "
+                            f"not '{task_config.get('name')}'")
+
+
+@command("generate", "write generate.count networks made in generate.steps steps from fresh inits "
+                     "(generate.generator=PATH; default generators/{generator}-{method}.safetensors)")
+def generate_command(cfg: DictConfig) -> None:
+    import numpy as np
+    import torch
+
+    from synthnet import __version__
+    from synthnet.commands.train import generator_path
+    from synthnet.evaluation.scoring import accuracy_and_loss
+    from synthnet.generation import check_layout, generate_networks, target_layout
+    from synthnet.generators import load_generator
+    from synthnet.storage import read_metadata, save_state_dict
+    from synthnet.tasks import build_task
+    from synthnet.zoo import list_runs
+
+    count = positive_int(cfg, "generate.count")
+    steps = positive_int(cfg, "generate.steps")
+    noise_scale = float(cfg.generate.noise_scale)
+    if noise_scale < 0:
+        raise SynthNetError(f"generate.noise_scale must be >= 0, got {noise_scale}")
+    target_config, task_config = container(cfg.target), container(cfg.task)
+    device = torch.device(cfg.device)
+    path = generator_path(cfg, cfg.generate.generator)
+    loaded = load_generator(path, device)
+    check_generator_matches(path, loaded, target_config, task_config)
+    task = build_task(task_config, cfg.paths.data_dir)
+    template, layout = target_layout(target_config, task.input_shape, task.num_classes, loaded.chunk_size)
+    check_layout(layout, loaded.metadata.get("num_tokens"), str(path))
+    first = int(cfg.generate.first_seed)
+    if first < int(cfg.zoo.first_seed) + int(cfg.zoo.runs):
+        log.warning("generate.first_seed %d overlaps the zoo's seeds; the inits are not new", first)
+    seeds = list(range(first, first + count))
+    rng = torch.Generator(device=device).manual_seed(int(cfg.seed)) if noise_scale > 0 else None
+    out = generate_networks(loaded.model, layout, target_config, task.input_shape, task.num_classes, seeds, steps,
+                            noise_scale=noise_scale, rng=rng, device=device)
+    x_test, y_test = task.x_test.to(device), task.y_test.to(device)
+    template = template.to(device)
+    accuracies = [accuracy_and_loss(template, {k: v.to(device) for k, v in sd.items()}, x_test, y_test)[0].cpu()
+                  for sd in out.state_dicts]
+
+    folder = Path(cfg.paths.generated_dir) / path.name.removesuffix(".safetensors")
+    final = out.state_dicts[-1]
+    for i, seed in enumerate(seeds):
+        metadata = {"generator_file": str(path), "generator": loaded.config["name"], "seed": seed, "steps": steps,
+                    "noise_scale": noise_scale, "target": target_config["name"], "target_config": target_config,
+                    "task": task_config["name"], "task_config": task_config,
+                    "test_accuracy": float(accuracies[-1][i]), "synthnet_version": __version__}
+        save_state_dict(folder / f"seed_{seed:07d}.safetensors", {k: v[i] for k, v in final.items()}, metadata)
+
+    sgd = "n/a"
+    runs = list_runs(cfg.paths.checkpoints_dir)
+    if runs:
+        finals = [read_metadata(files[-1]).get("test_accuracy") for files in runs.values()]
+        finals = [f for f in finals if f is not None]
+        if finals:
+            sgd = f"{np.mean(finals):.4f} (mean of {len(finals)} zoo runs)"
+    print(f"generate: {count} networks in {steps} steps with {path.name} ({out.seconds:.2f} s) -> {folder}")
+    print(f"| step | t    | test acc mean | min    | max    | zoo SGD test acc |")
+    for k, acc in enumerate(accuracies):
+        print(f"| {k:4d} | {float(out.result.times[k]):.2f} | {float(acc.mean()):13.4f} | {float(acc.min()):.4f} "
+              f"| {float(acc.max()):.4f} | {sgd if k == steps else ''} |")

@@ -1,0 +1,288 @@
+"""``synthnet train method=grpo``: GRPO fine-tuning of an imitation-trained generator.
+
+Starts from ``method.source`` (default ``<generators_dir>/<generator>-imitation.safetensors``),
+training it first with the imitation settings in ``method.imitation`` when it is missing
+and ``method.imitation_first`` is true (the curriculum: imitation, then GRPO, one config).
+Runs :func:`synthnet.methods.grpo.train` with the reward of ``configs/reward/`` and writes
+``train.output`` (default ``<generator>-grpo.safetensors``, or
+``<generator>-grpo-<reward>.safetensors`` for a reward other than ``val_accuracy``): an
+ordinary generator file whose header also records ``method: grpo``, the reward and its
+options, the iteration reached and the imitation file it started from. The Adam state
+lives in ``<generators_dir>/state/<stem>.resume.safetensors`` (a subfolder, so it is
+never mistaken for a generator); with ``train.resume`` a run continues exactly where it
+stopped, and raising ``method.iterations`` continues a finished one. Per-iteration records
+go to ``<stem>.metrics.jsonl`` beside the generator and to TensorBoard
+(``<target_dir>/tensorboard/<stem>``); the reward curve to ``<reports_dir>/<stem>-reward.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from synthnet.cli import container, positive_int
+from synthnet.errors import SynthNetError
+from synthnet.storage import atomic_write_bytes, load_state_dict, read_metadata, save_state_dict
+
+log = logging.getLogger("synthnet")
+
+DEFAULT_REWARD = "val_accuracy"
+
+
+def grpo_stem(generator_name: str, reward_name: str) -> str:
+    """File stem of a GRPO generator: ``<generator>-grpo`` for the default reward, else with the reward."""
+    return f"{generator_name}-grpo" if reward_name == DEFAULT_REWARD else f"{generator_name}-grpo-{reward_name}"
+
+
+def imitation_path(cfg: DictConfig) -> Path:
+    """``method.source`` or ``<generators_dir>/<generator>-imitation.safetensors``."""
+    source = cfg.method.get("source") if cfg.method.name == "grpo" else None
+    return Path(source) if source else Path(cfg.paths.generators_dir) / f"{cfg.generator.name}-imitation.safetensors"
+
+
+def grpo_path(cfg: DictConfig) -> Path:
+    """``train.output`` or ``<generators_dir>/<generator>-grpo[-<reward>].safetensors``."""
+    output = cfg.get("train", {}).get("output")
+    return Path(output) if output else \
+        Path(cfg.paths.generators_dir) / f"{grpo_stem(cfg.generator.name, cfg.reward.name)}.safetensors"
+
+
+def stem_of(path: Path) -> str:
+    return path.name.removesuffix(".safetensors")
+
+
+def metrics_path(path: Path) -> Path:
+    """Per-iteration JSONL records beside the generator file (imitation's convention)."""
+    return path.with_name(f"{stem_of(path)}.metrics.jsonl")
+
+
+def resume_state_path(path: Path) -> Path:
+    return path.parent / "state" / f"{stem_of(path)}.resume.safetensors"
+
+
+# --------------------------------------------------------------------------- optimiser state (safetensors)
+
+
+def save_optimizer(path: Path, optimizer: torch.optim.Optimizer, metadata: Mapping[str, Any]) -> None:
+    """Adam's per-parameter tensors (imitation's flat naming, no pickling), atomically."""
+    from synthnet.methods.imitation import optimizer_tensors
+
+    save_state_dict(path, optimizer_tensors(optimizer) or {"empty": torch.zeros(1)}, metadata)
+
+
+def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    from synthnet.methods.imitation import load_optimizer_tensors
+
+    tensors, _ = load_state_dict(path)
+    tensors.pop("empty", None)
+    load_optimizer_tensors(optimizer, tensors)
+
+
+# --------------------------------------------------------------------------- logs and plot
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_reward_curve(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = "GRPO reward") -> None:
+    """Reward mean (thin line, and its running mean over a tenth of the run) and min..max (band)
+    of each iteration's candidates, written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not records:
+        return
+    iterations = [r["iteration"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.fill_between(iterations, [r["reward_min"] for r in records], [r["reward_max"] for r in records],
+                    alpha=0.25, label="min..max over candidates")
+    means = [r["reward_mean"] for r in records]
+    ax.plot(iterations, means, linewidth=0.8, alpha=0.6, label="mean over candidates")
+    window = max(1, len(means) // 10)
+    smoothed = [sum(means[max(0, i - window + 1):i + 1]) / len(means[max(0, i - window + 1):i + 1])
+                for i in range(len(means))]
+    ax.plot(iterations, smoothed, linewidth=2, label=f"running mean ({window} iterations)")
+    ax.set_xlabel("GRPO iteration")
+    ax.set_ylabel(records[-1].get("reward", "reward"))
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- imitation first
+
+
+def _ensure_imitation(cfg: DictConfig) -> Path:
+    path = imitation_path(cfg)
+    if path.exists():
+        return path
+    if cfg.method.get("source") or not cfg.method.get("imitation_first", True) or "imitation" not in cfg.method:
+        raise SynthNetError(f"no imitation generator {path}; run `synthnet train method=imitation` first "
+                            f"(same target, task and generator overrides) or set method.imitation_first=true")
+    from synthnet.commands.train import train_imitation_command
+
+    log.info("no %s yet: training imitation first (settings in method.imitation)", path.name)
+    imitation_cfg = copy.deepcopy(cfg)
+    OmegaConf.set_struct(imitation_cfg, False)
+    imitation_cfg.method = OmegaConf.create(OmegaConf.to_container(cfg.method.imitation, resolve=True))
+    if "train" in imitation_cfg:
+        imitation_cfg.train.output = None  # train.output names the GRPO file, not the imitation one
+    train_imitation_command(imitation_cfg)
+    if not path.exists():
+        raise SynthNetError(f"imitation training finished without writing {path}")
+    return path
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _settings(cfg: DictConfig, steps: int):
+    from synthnet.methods.grpo import GRPOSettings
+
+    noise = cfg.method.noise_scale
+    noise = float(noise) if isinstance(noise, (int, float)) else tuple(float(s) for s in noise)
+    return GRPOSettings(inits_per_iteration=positive_int(cfg, "method.inits_per_iteration"),
+                        group_size=positive_int(cfg, "method.group_size"), steps=steps, noise_scale=noise,
+                        clip_epsilon=float(cfg.method.clip_epsilon), inner_epochs=positive_int(cfg, "method.inner_epochs"),
+                        minibatch_size=int(cfg.method.minibatch_size or 0), beta=float(cfg.method.beta),
+                        advantage_eps=float(cfg.method.advantage_eps), max_grad_norm=float(cfg.method.max_grad_norm),
+                        aux_loss_weight=float(cfg.method.aux_loss_weight))
+
+
+def train_grpo(cfg: DictConfig) -> Path:
+    """Run the GRPO stage described by ``cfg`` (imitation first if needed); returns the generator file."""
+    from synthnet.generators import load_generator, save_generator
+    from synthnet.methods import grpo
+    from synthnet.methods.rewards import Reward
+    from synthnet.generation import init_tokens, target_layout
+    from synthnet.tasks import build_task
+    from synthnet.tokenization import detokenize
+
+    device = torch.device(cfg.device)
+    target_config, task_config = container(cfg.target), container(cfg.task)
+    iterations = positive_int(cfg, "method.iterations")
+    steps = int(cfg.method.generation_steps) if cfg.method.get("generation_steps") is not None \
+        else positive_int(cfg, "generate.steps")
+    settings = _settings(cfg, steps)
+    reward_options = {k: v for k, v in container(cfg.reward).items() if k != "name"}
+
+    source = _ensure_imitation(cfg)
+    imitation = load_generator(source, device)
+    if imitation.target_config != target_config or imitation.task_config.get("name") != task_config["name"]:
+        raise SynthNetError(f"{source} was trained for {imitation.target_config.get('name')} on "
+                            f"{imitation.task_config.get('name')}, not this target and task; choose another paths.root")
+    task = build_task(task_config, cfg.paths.data_dir)
+    model, cpu_layout = target_layout(target_config, task.input_shape, task.num_classes, imitation.chunk_size)
+    model, layout = model.to(device), cpu_layout.to(device)
+    reward = Reward(cfg.reward.name, model, task.x_val.to(device), task.y_val.to(device), reward_options,
+                    scoring=str(cfg.method.get("scoring", "batched")))
+
+    out_path = grpo_path(cfg)
+    stem = stem_of(out_path)
+    optimizer_path = resume_state_path(out_path)
+    jsonl_path = metrics_path(out_path)
+
+    policy = imitation.model
+    reference = copy.deepcopy(imitation.model)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=float(cfg.method.lr), weight_decay=float(cfg.method.weight_decay))
+    start = 0
+    if cfg.get("train", {}).get("resume", True) and out_path.exists():
+        metadata = read_metadata(out_path)
+        if metadata.get("method") != "grpo" or metadata.get("reward") != cfg.reward.name:
+            raise SynthNetError(f"{out_path} is not a GRPO generator for reward {cfg.reward.name}; remove it "
+                                f"or pass train.resume=false to start over")
+        if metadata.get("imitation_fingerprint") != imitation.metadata.get("fingerprint"):
+            raise SynthNetError(f"{out_path} was tuned from another version of {source.name}; remove it "
+                                f"or pass train.resume=false to start over")
+        policy = load_generator(out_path, device).model
+        optimizer = torch.optim.Adam(policy.parameters(), lr=float(cfg.method.lr),
+                                     weight_decay=float(cfg.method.weight_decay))
+        start = int(metadata.get("grpo_iteration", 0))
+        if optimizer_path.exists() and read_metadata(optimizer_path).get("grpo_iteration") == start:
+            load_optimizer(optimizer_path, optimizer)
+        else:
+            log.warning("no optimiser state for iteration %d beside %s; Adam restarts", start, out_path.name)
+        log.info("resuming GRPO from iteration %d of %d (%s)", start, iterations, out_path)
+    if start >= iterations:
+        log.info("%s already holds %d GRPO iterations; nothing to do (raise method.iterations to go on)",
+                 out_path, start)
+        return out_path
+
+    kept = [r for r in read_records(jsonl_path) if r["iteration"] <= start] if start else []
+    atomic_write_bytes(jsonl_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(Path(cfg.paths.target_dir) / "tensorboard" / stem), purge_step=start + 1 if start else None)
+
+    batch = settings.inits_per_iteration
+    first_seed = int(cfg.method.first_seed)
+
+    def make_inits(iteration: int) -> torch.Tensor:  # (B, tokens, chunk); seeds never reused
+        seeds = range(first_seed + iteration * batch, first_seed + (iteration + 1) * batch)
+        return init_tokens(target_config, task.input_shape, task.num_classes, seeds, cpu_layout).to(device)
+
+    def reward_fn(tokens: torch.Tensor) -> torch.Tensor:
+        return reward(detokenize(tokens, layout))
+
+    own = {"kind", "generator", "generator_config", "target", "target_config", "task", "task_config", "chunk_size",
+           "num_values", "synthnet_version", "fingerprint", "step", "steps", "metrics", "method_config"}
+    inherited = {k: v for k, v in imitation.metadata.items() if k not in own}  # input_shape, num_tokens, zoo, ...
+    header = {**inherited, "method": "grpo", "method_config": container(cfg.method), "reward": cfg.reward.name,
+              "reward_config": container(cfg.reward),
+              "grpo_settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
+              "imitation_source": source.name, "imitation_fingerprint": imitation.metadata.get("fingerprint"),
+              "imitation_method_config": imitation.metadata.get("method_config"), "grpo_iterations": iterations,
+              "grpo_first_seed": first_seed, "generation_steps": steps}
+
+    def save(iteration: int) -> None:
+        meta = {**header, "grpo_iteration": iteration}
+        save_optimizer(optimizer_path, optimizer, meta)
+        save_generator(out_path, policy, config=imitation.config, target_config=imitation.target_config,
+                       task_config=imitation.task_config, chunk_size=imitation.chunk_size, extra=meta)
+
+    def on_iteration(iteration: int, stats: dict[str, float]) -> None:
+        record = {"iteration": iteration + 1, "reward": cfg.reward.name, **stats}
+        with open(jsonl_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key in ("reward_mean", "reward_max", "reward_std", "tie_fraction", "kl", "clip_fraction", "approx_kl",
+                    "loss", "seconds", "evaluations_per_second"):
+            writer.add_scalar(f"grpo/{key}", stats[key], iteration + 1)
+        done = iteration + 1
+        if done % positive_int(cfg, "method.save_every") == 0 or done == iterations:
+            save(done)
+
+    log.info("GRPO %s on %s: %d iterations x %d inits x %d candidates, %d steps, reward %s -> %s",
+             cfg.generator.name, cfg.task.name, iterations, batch, settings.group_size, steps, cfg.reward.name,
+             out_path)
+    try:
+        grpo.train(policy, reference, optimizer, layout=layout, make_inits=make_inits, reward_fn=reward_fn,
+                   settings=settings, iterations=iterations, start_iteration=start, noise_seed=int(cfg.seed) * 100003,
+                   on_iteration=on_iteration, log_every=positive_int(cfg, "method.log_every"),
+                   progress=bool(cfg.progress))
+    finally:
+        writer.close()
+    records = read_records(jsonl_path)
+    plot_reward_curve(records, Path(cfg.paths.reports_dir) / f"{stem}-reward.png",
+                      title=f"GRPO on {cfg.task.name}-{cfg.target.name}: {cfg.reward.name}")
+    if records:
+        eps = reward.evaluations_per_second
+        print(f"grpo: {out_path} ({records[-1]['iteration']} iterations, reward {records[0]['reward_mean']:.4f} -> "
+              f"{records[-1]['reward_mean']:.4f}, {eps:.0f} candidate evaluations/s)")
+    return out_path

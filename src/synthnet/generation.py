@@ -1,0 +1,74 @@
+"""Generating networks: fresh random inits of the target -> K generator steps -> state dicts.
+
+``generate_networks`` is the one path from a trained generator to weights; the
+``generate`` command, the evaluation report and GRPO rollouts call it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from synthnet.errors import SynthNetError
+from synthnet.sampling import SampleResult, sample
+from synthnet.targets import build_target, init_state_dict
+from synthnet.tokenization import TokenLayout, build_layout, detokenize, tokenize
+
+
+def target_layout(target_config: Mapping, input_shape: Sequence[int], num_classes: int,
+                  chunk_size: int) -> tuple[nn.Module, TokenLayout]:
+    """The target model (a template) and its token layout for ``chunk_size``."""
+    model = build_target(target_config, input_shape, num_classes)
+    return model, build_layout(model.layer_specs(), model.state_dict(), chunk_size)
+
+
+def check_layout(layout: TokenLayout, num_tokens: int | None, what: str) -> None:
+    if num_tokens is not None and layout.num_tokens != int(num_tokens):
+        raise SynthNetError(f"{what} was made for a target with {num_tokens} tokens; this target has "
+                            f"{layout.num_tokens}")
+
+
+@dataclass
+class GeneratedNetworks:
+    """``state_dicts[k]`` holds the B networks after k steps, stacked: {name: (B, *shape)}."""
+
+    result: SampleResult
+    state_dicts: list[dict[str, torch.Tensor]]
+    seconds: float
+    seeds: list[int]
+
+
+def init_tokens(target_config: Mapping, input_shape: Sequence[int], num_classes: int, seeds: Sequence[int],
+                layout: TokenLayout) -> torch.Tensor:
+    """Tokens (B, N, C) of the target's own random inits for ``seeds``."""
+    inits = [init_state_dict(target_config, input_shape, num_classes, int(s)) for s in seeds]
+    stacked = {name: torch.stack([sd[name] for sd in inits]) for name in inits[0]}
+    return tokenize(stacked, layout)
+
+
+def generate_networks(model, layout: TokenLayout, target_config: Mapping, input_shape: Sequence[int],
+                      num_classes: int, seeds: Sequence[int], steps: int, *, noise_scale: float | Sequence[float] = 0.0,
+                      rng: torch.Generator | None = None, device: str | torch.device | None = None,
+                      times: torch.Tensor | None = None) -> GeneratedNetworks:
+    """Run ``steps`` generator steps from the inits drawn with ``seeds`` (one network per seed).
+
+    ``model`` is a denoiser (see :mod:`synthnet.sampling`); it runs on ``device`` (default:
+    where its parameters are) without gradients (GRPO recomputes log-probs of the stored
+    trajectory with :func:`synthnet.sampling.step_log_probs`). ``noise_scale > 0`` samples each
+    step around the prediction with ``rng`` and fills ``result.log_probs``. Returned state dicts
+    are on the CPU; ``result`` tensors stay on ``device``.
+    """
+    if device is None:
+        params = list(model.parameters()) if isinstance(model, nn.Module) else []
+        device = params[0].device if params else torch.device("cpu")
+    start = time.perf_counter()
+    x0 = init_tokens(target_config, input_shape, num_classes, seeds, layout).to(device)
+    device_layout = layout.to(device)
+    with torch.no_grad():
+        result = sample(model, x0, device_layout, steps, noise_scale=noise_scale, generator=rng, times=times)
+    state_dicts = [{k: v.cpu() for k, v in detokenize(x, layout).items()} for x in result.trajectory]
+    return GeneratedNetworks(result, state_dicts, time.perf_counter() - start, [int(s) for s in seeds])

@@ -1,0 +1,115 @@
+"""Weight generators: denoisers ``(tokens, t_source, t_target, layout) -> tokens`` and their files.
+
+Every generator module has ``forward(tokens (B, N, C), t_source (B,), t_target (B,), layout)
+-> (B, N, C)`` (a denoiser for :func:`synthnet.sampling.sample`), ``auxiliary_loss()`` (a
+scalar from the last forward: the Mixture-of-Experts balance and z losses, zero for the
+flat baseline) and ``expert_usage()`` (a dict, or None without experts).
+
+A generator is stored as one ``.safetensors`` file holding its (EMA) weights, with the full
+generator, target and task configs and the token chunk size in the header, so the file
+alone rebuilds it. A new generator is one entry in :data:`GENERATORS` plus one YAML file in
+``configs/generator/``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from synthnet import __version__
+from synthnet.errors import SynthNetError
+from synthnet.generators.flat_mlp import FlatMLPGenerator
+from synthnet.generators.perceiver_moe import PerceiverMoEGenerator
+from synthnet.storage import load_state_dict, save_state_dict
+from synthnet.tokenization import TokenLayout
+
+FILE_KIND = "synthnet-generator"
+_NOT_MODULE_OPTIONS = {"name", "chunk_size"}
+
+
+def _options(config: Mapping, cls: type) -> dict[str, Any]:
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "chunk_size", "num_values"}
+    options = {k: v for k, v in config.items() if k not in _NOT_MODULE_OPTIONS}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise SynthNetError(f"unknown option generator.{unknown[0]} for generator '{config['name']}'; "
+                            f"available: {', '.join(sorted(accepted))}")
+    return options
+
+
+def _perceiver(config: Mapping, num_values: int, chunk_size: int) -> nn.Module:
+    return PerceiverMoEGenerator(chunk_size=chunk_size, **_options(config, PerceiverMoEGenerator))
+
+
+def _flat(config: Mapping, num_values: int, chunk_size: int) -> nn.Module:
+    return FlatMLPGenerator(num_values=num_values, **_options(config, FlatMLPGenerator))
+
+
+GENERATORS: dict[str, Callable[[Mapping, int, int], nn.Module]] = {
+    "perceiver_moe": _perceiver,
+    "flat_mlp": _flat,
+}
+
+
+def _construct(config: Mapping, num_values: int, chunk_size: int) -> nn.Module:
+    name = config.get("name")
+    if name not in GENERATORS:
+        raise SynthNetError(f"unknown generator '{name}'; available: {', '.join(sorted(GENERATORS))}")
+    return GENERATORS[name](config, int(num_values), int(chunk_size))
+
+
+def build_generator(config: Mapping, layout: TokenLayout) -> nn.Module:
+    """Build the generator ``config['name']`` with the other keys as options, for ``layout``."""
+    if "chunk_size" in config and int(config["chunk_size"]) != layout.chunk_size:
+        raise SynthNetError(f"generator.chunk_size {config['chunk_size']} differs from the layout's "
+                            f"{layout.chunk_size}")
+    return _construct(config, layout.num_values, layout.chunk_size)
+
+
+@dataclass
+class LoadedGenerator:
+    """A generator rebuilt from its file: ``model`` is in eval mode with the (EMA) weights."""
+
+    model: nn.Module
+    config: dict
+    target_config: dict
+    task_config: dict
+    chunk_size: int
+    metadata: dict
+
+
+def save_generator(path: str | Path, model: nn.Module, *, config: Mapping, target_config: Mapping,
+                   task_config: Mapping, chunk_size: int, extra: Mapping[str, Any] | None = None) -> None:
+    """Write ``model``'s weights atomically to ``path`` with everything needed to rebuild it in the header."""
+    num_values = getattr(model, "num_values", None)
+    metadata = {"kind": FILE_KIND, "generator": config["name"], "generator_config": dict(config),
+                "target": target_config["name"], "target_config": dict(target_config),
+                "task": task_config["name"], "task_config": dict(task_config), "chunk_size": int(chunk_size),
+                "num_values": num_values, "synthnet_version": __version__, **dict(extra or {})}
+    save_state_dict(path, model.state_dict(), metadata)
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> LoadedGenerator:
+    """Rebuild the generator stored at ``path`` (eval mode, on ``device``)."""
+    path = Path(path)
+    if not path.exists():
+        raise SynthNetError(f"no generator file {path}; train one with `synthnet train` "
+                            f"(or pass generate.generator=PATH)")
+    tensors, metadata = load_state_dict(path)
+    if metadata.get("kind") != FILE_KIND or "generator_config" not in metadata:
+        raise SynthNetError(f"{path} is not a SynthNet generator file (no generator config in its header)")
+    config = metadata["generator_config"]
+    model = _construct(config, metadata.get("num_values") or 0, metadata["chunk_size"])
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise SynthNetError(f"{path} does not match generator '{config['name']}': "
+                            f"{str(exc).strip().splitlines()[0]}") from None
+    model.to(torch.device(device)).eval()
+    return LoadedGenerator(model, config, metadata["target_config"], metadata["task_config"],
+                           int(metadata["chunk_size"]), metadata)

@@ -1,0 +1,350 @@
+"""Perceiver IO generator with Mixture-of-Experts latent blocks, on ``scaled_dot_product_attention``.
+
+Data flow (B batch, N tokens, C chunk values, M latents, D model width)::
+
+    tokens (B, N, C) --embed + token features + time--> queries (B, N, D)
+    latents (M, D) --cross-attend to queries--> (B, M, D)
+    L x [adaLN self-attention, adaLN Mixture-of-Experts feed-forward]    (B, M, D)
+    queries --cross-attend to latents--> per-token outputs (B, N, D) --head--> (B, N, C)
+
+The output has exactly the input's structure: one output per input token. Token features
+describe what a token is (layer depth, kind, read-out or hidden, chunk position, fan-in /
+fan-out), never which hidden neuron it is, so the network treats the tokens of a hidden
+layer as a set: permuting the token order within a hidden layer permutes the output in the
+same way. Read-out tokens also carry their class index: classes are labelled, not symmetric.
+
+**Neuron messages** (``neuron_messages=True``). A set model alone cannot tell which column
+of layer ``l + 1`` belongs to which hidden neuron of layer ``l``, yet every useful update
+of a hidden neuron depends on its outgoing weights and every update of those outgoing
+weights on what the neuron computes. Two permutation-equivariant paths pass that
+information along the real connections of the network:
+
+* in: each hidden neuron ``j`` of layer ``l`` receives ``sum_c W_{l+1}[c, j] A(row_c) / n_c``,
+  its outgoing weights weighted by an embedding of the receiving rows, added to its tokens;
+* out: each weight ``W_l[c, j]`` that connects to a hidden neuron gets an extra bilinear
+  update ``<P(row_c), Q(neuron_j)>`` from the decoder's row embeddings.
+
+Both follow a hidden permutation exactly; only the plain per-token path sees the values
+inside a token in a fixed order (``tests/test_generators.py`` pins down the consequences).
+
+Conditioning: sinusoidal embeddings of ``t_source``, ``t_target`` and their gap, through an
+MLP, modulate every layer norm (adaLN) and are added to the latents; an optional
+``condition`` vector (B, condition_dim) joins them for later uses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from synthnet.errors import SynthNetError
+from synthnet.tokenization import KINDS, TokenLayout
+
+
+def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 1000.0) -> torch.Tensor:
+    """(B,) floats in [0, 1] -> (B, dim) sin/cos features at geometric frequencies."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device, dtype=torch.float32) / half)
+    args = values.float()[:, None] * freqs[None] * max_period / 4.0
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
+class TimeConditioning(nn.Module):
+    """(t_source, t_target[, condition]) -> conditioning vector (B, D)."""
+
+    def __init__(self, *, d_model: int, time_dim: int = 64, condition_dim: int = 0):
+        super().__init__()
+        self.time_dim = time_dim
+        self.condition_dim = condition_dim
+        self.mlp = nn.Sequential(nn.Linear(3 * time_dim + condition_dim, d_model), nn.SiLU(),
+                                 nn.Linear(d_model, d_model))
+
+    def forward(self, t_source: torch.Tensor, t_target: torch.Tensor,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [sinusoidal_embedding(t, self.time_dim) for t in (t_source, t_target, t_target - t_source)]
+        if self.condition_dim:
+            if condition is None:
+                condition = torch.zeros(t_source.shape[0], self.condition_dim, device=t_source.device)
+            parts.append(condition.float())
+        return self.mlp(torch.cat(parts, dim=-1))
+
+
+class AdaLayerNorm(nn.Module):
+    """LayerNorm without affine parameters, scaled and shifted per sample by the condition."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, elementwise_affine=False)
+        self.modulation = nn.Linear(d_model, 2 * d_model)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:  # x (B, S, D), cond (B, D)
+        scale, shift = self.modulation(F.silu(cond)).unsqueeze(1).chunk(2, dim=-1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    """Multi-head attention (cross or self) on ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, d_model: int, num_heads: int):
+        super().__init__()
+        if d_model % num_heads:
+            raise SynthNetError(f"d_model {d_model} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """queries (B, S, D), context (B, T, D) -> (B, S, D)."""
+        b, s, d = queries.shape
+        h = self.num_heads
+        q = self.q(queries).reshape(b, s, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).reshape(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, S, d/h)
+        return self.out(out.transpose(1, 2).reshape(b, s, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MixtureOfExperts(nn.Module):
+    """Top-k routed feed-forward experts with the Switch load-balancing loss and the router z-loss.
+
+    Every expert runs on every forward, on its (possibly empty) slice of tokens, so all
+    parameters take part in the graph and DDP's gradient reduction stays correct.
+    """
+
+    def __init__(self, *, d_model: int, hidden: int, num_experts: int, top_k: int):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise SynthNetError(f"moe top_k must be in 1..num_experts ({num_experts}), got {top_k}")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.router = nn.Linear(d_model, num_experts)
+        self.experts = nn.ModuleList(FeedForward(d_model, hidden) for _ in range(num_experts))
+        self.last_balance_loss = torch.zeros(())
+        self.last_z_loss = torch.zeros(())
+        self.last_usage = torch.zeros(num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, D) -> (B, S, D)
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (T, D)
+        logits = self.router(flat).float()  # (T, E)
+        probs = logits.softmax(dim=-1)
+        gate, chosen = probs.topk(self.top_k, dim=-1)  # (T, k)
+        gate = gate / gate.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        assigned = torch.zeros(self.num_experts, device=x.device)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (chosen == e).nonzero(as_tuple=True)  # may be empty
+            y = expert(flat[rows])  # runs even on an empty slice
+            out = out.index_add(0, rows, (y * gate[rows, slot, None]).to(out.dtype))
+            assigned[e] = rows.numel()
+        fraction = assigned / max(flat.shape[0] * self.top_k, 1)  # share of routed slots
+        self.last_balance_loss = self.num_experts * (fraction.detach() * probs.mean(dim=0)).sum()
+        self.last_z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        self.last_usage = fraction.detach()
+        return out.reshape(shape)
+
+
+class LatentBlock(nn.Module):
+    def __init__(self, *, d_model: int, num_heads: int, ff_hidden: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.norm_attn = AdaLayerNorm(d_model)
+        self.attn = Attention(d_model, num_heads)
+        self.norm_ff = AdaLayerNorm(d_model)
+        self.moe = (MixtureOfExperts(d_model=d_model, hidden=ff_hidden, num_experts=num_experts, top_k=top_k)
+                    if num_experts > 1 else FeedForward(d_model, ff_hidden))
+
+    def forward(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.norm_attn(latents, cond)
+        latents = latents + self.attn(h, h)
+        return latents + self.moe(self.norm_ff(latents, cond))
+
+
+def _layer_rows(values: torch.Tensor, layer) -> torch.Tensor:
+    """Tokens of one layer (B, N, X) -> per-neuron rows (B, out_units, chunks, X)."""
+    block = values[:, layer.first_token:layer.first_token + layer.num_tokens]
+    return block.reshape(values.shape[0], layer.out_units, layer.chunks_per_row, values.shape[-1])
+
+
+def _connection(layout: TokenLayout, index: int) -> int | None:
+    """Input columns per hidden neuron of layer index-1 feeding layer ``index``, or None."""
+    if index == 0:
+        return None
+    layer, previous = layout.layers[index], layout.layers[index - 1]
+    fan_in = layer.row_length - (1 if layer.bias is not None else 0)
+    if fan_in % previous.out_units:
+        return None
+    return fan_in // previous.out_units
+
+
+class PerceiverMoEGenerator(nn.Module):
+    """Denoiser ``(tokens (B, N, C), t_source (B,), t_target (B,), layout) -> tokens (B, N, C)``."""
+
+    def __init__(self, *, chunk_size: int, d_model: int = 96, num_latents: int = 32, num_blocks: int = 2,
+                 num_heads: int = 4, ff_multiplier: int = 2, num_experts: int = 4, top_k: int = 2,
+                 time_dim: int = 64, condition_dim: int = 0, predict: str = "delta", neuron_messages: bool = True,
+                 message_rank: int = 32, max_output_units: int = 64, balance_loss_weight: float = 0.01,
+                 z_loss_weight: float = 0.001):
+        super().__init__()
+        if predict not in ("delta", "direct"):
+            raise SynthNetError(f"generator.predict must be 'delta' or 'direct', got '{predict}'")
+        self.chunk_size, self.predict = chunk_size, predict
+        self.neuron_messages = neuron_messages
+        self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
+        self.conditioning = TimeConditioning(d_model=d_model, time_dim=time_dim, condition_dim=condition_dim)
+        self.value_embed = nn.Linear(2 * chunk_size, d_model)  # values and validity mask
+        num_features = len(KINDS) + 2 + 8 + 2 + 1  # kind, depth, is_output, chunk position, fan-in/out, valid share
+        self.feature_embed = nn.Sequential(nn.Linear(num_features, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+        self.max_output_units = max_output_units
+        self.output_unit_embed = nn.Embedding(max_output_units, d_model)  # class identity of read-out rows
+        self.query_norm = AdaLayerNorm(d_model)
+        self.latents = nn.Parameter(torch.randn(num_latents, d_model) * 0.02)
+        self.encode_norm = AdaLayerNorm(d_model)
+        self.encode_attn = Attention(d_model, num_heads)
+        self.encode_ff_norm = AdaLayerNorm(d_model)
+        self.encode_ff = FeedForward(d_model, ff_multiplier * d_model)
+        self.blocks = nn.ModuleList(
+            LatentBlock(d_model=d_model, num_heads=num_heads, ff_hidden=ff_multiplier * d_model,
+                        num_experts=num_experts, top_k=top_k) for _ in range(num_blocks))
+        self.decode_norm = AdaLayerNorm(d_model)
+        self.latent_norm = nn.LayerNorm(d_model)
+        self.decode_attn = Attention(d_model, num_heads)
+        self.decode_ff_norm = AdaLayerNorm(d_model)
+        self.decode_ff = FeedForward(d_model, ff_multiplier * d_model)
+        self.out_norm = AdaLayerNorm(d_model)
+        self.head = nn.Linear(d_model, chunk_size)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        if neuron_messages:
+            self.message_in = nn.Linear(d_model, d_model)
+            self.message_value = nn.Linear(d_model, d_model)
+            self.edge_row = nn.Linear(d_model, message_rank)
+            self.edge_col = nn.Linear(d_model, message_rank)
+            self.edge_gain = nn.Linear(d_model, 1)
+            nn.init.zeros_(self.edge_row.weight)
+            nn.init.zeros_(self.edge_row.bias)
+            nn.init.zeros_(self.edge_gain.weight)
+            nn.init.zeros_(self.edge_gain.bias)
+
+    # ------------------------------------------------------------------ pieces
+
+    def token_features(self, layout: TokenLayout) -> torch.Tensor:
+        """(N, F) structural features of every token (no neuron index)."""
+        kind = F.one_hot(layout.kind, len(KINDS)).float()
+        position = sinusoidal_embedding(layout.chunk_index.float() / 64.0, 8)
+        valid = layout.mask.float().mean(-1, keepdim=True)
+        return torch.cat([kind, layout.depth[:, None], layout.is_output.float()[:, None], position,
+                          layout.log_fan_in[:, None] / 8.0, layout.log_fan_out[:, None] / 8.0, valid], dim=-1)
+
+    def output_embedding(self, layout: TokenLayout) -> torch.Tensor:
+        """(N, D): a learned embedding of the class index on read-out tokens, zero elsewhere. Read-out
+        units are labelled (class c is not interchangeable with class c'), unlike hidden units."""
+        output_units = layout.layers[-1].out_units
+        if output_units > self.max_output_units:
+            raise SynthNetError(f"the target has {output_units} output units; this generator handles at most "
+                                f"{self.max_output_units} (generator.max_output_units)")
+        index = layout.neuron_index.clamp(max=self.max_output_units - 1)
+        return self.output_unit_embed(index) * layout.is_output[:, None].to(self.output_unit_embed.weight.dtype)
+
+    def _messages_in(self, h: torch.Tensor, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Add to every hidden neuron's tokens its outgoing weights, weighted by receiving-row embeddings."""
+        pieces = []
+        for index, layer in enumerate(layout.layers):
+            rows = _layer_rows(h, layer)  # (B, O, K, D)
+            if index + 1 < len(layout.layers) and _connection(layout, index + 1):
+                nxt = layout.layers[index + 1]
+                repeat = _connection(layout, index + 1)
+                weights = _layer_rows(tokens, nxt).flatten(2)[..., :layer.out_units * repeat]  # (B, O', O*rep)
+                weights = weights.reshape(*weights.shape[:2], layer.out_units, repeat).mean(-1)  # (B, O', O)
+                receivers = self.message_value(_layer_rows(h, nxt).mean(2))  # (B, O', D)
+                message = torch.einsum("bcj,bcd->bjd", weights, receivers) / math.sqrt(nxt.out_units)
+                rows = rows + self.message_in(message)[:, :, None]
+            pieces.append(rows.flatten(1, 2))
+        return torch.cat(pieces, dim=1)
+
+    def _edge_update(self, e: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Bilinear per-connection update <P(row_c), Q(neuron_j)> laid out as tokens (B, N, C)."""
+        b = e.shape[0]
+        neurons = [_layer_rows(e, layer).mean(2) for layer in layout.layers]  # (B, O, D) each
+        pieces = []
+        for index, layer in enumerate(layout.layers):
+            width = layer.chunks_per_row * layout.chunk_size
+            repeat = _connection(layout, index)
+            if repeat is None:
+                pieces.append(e.new_zeros(b, layer.num_tokens, layout.chunk_size))
+                continue
+            rows = self.edge_row(neurons[index])  # (B, O, r)
+            cols = self.edge_col(neurons[index - 1])  # (B, O_prev, r)
+            update = torch.einsum("bcr,bjr->bcj", rows, cols) / math.sqrt(rows.shape[-1])
+            update = update * (1 + self.edge_gain(neurons[index]))  # (B, O, O_prev)
+            update = update.repeat_interleave(repeat, dim=-1)
+            update = F.pad(update, (0, width - update.shape[-1]))
+            pieces.append(update.reshape(b, layer.num_tokens, layout.chunk_size))
+        return torch.cat(pieces, dim=1)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, tokens: torch.Tensor, t_source: torch.Tensor, t_target: torch.Tensor, layout: TokenLayout,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, N, C), t_source / t_target (B,) -> predicted tokens at t_target (B, N, C)."""
+        if tokens.shape[-2:] != (layout.num_tokens, self.chunk_size):
+            raise SynthNetError(f"generator expects tokens (*, {layout.num_tokens}, {self.chunk_size}), "
+                                f"got {tuple(tokens.shape)}")
+        layout = layout.to(tokens.device) if layout.mask.device != tokens.device else layout
+        b = tokens.shape[0]
+        mask = layout.mask.to(tokens.dtype)
+        cond = self.conditioning(t_source, t_target, condition)  # (B, D)
+        values = torch.cat([tokens * mask, mask.expand(b, -1, -1)], dim=-1)
+        h = self.value_embed(values) + self.feature_embed(self.token_features(layout))[None]  # (B, N, D)
+        h = h + self.output_embedding(layout)[None]
+        if self.neuron_messages:
+            h = self._messages_in(h, tokens * mask, layout)
+        queries = self.query_norm(h, cond)
+        latents = self.latents[None].expand(b, -1, -1) + cond[:, None]
+        latents = latents + self.encode_attn(self.encode_norm(latents, cond), queries)
+        latents = latents + self.encode_ff(self.encode_ff_norm(latents, cond))
+        for block in self.blocks:
+            latents = block(latents, cond)
+        e = h + self.decode_attn(self.decode_norm(h, cond), self.latent_norm(latents))
+        e = e + self.decode_ff(self.decode_ff_norm(e, cond))
+        e = self.out_norm(e, cond)
+        out = self.head(e)
+        if self.neuron_messages:
+            out = out + self._edge_update(e, layout)
+        if self.predict == "delta":
+            out = tokens + out
+        return out * mask
+
+    def moe_layers(self) -> list[MixtureOfExperts]:
+        return [block.moe for block in self.blocks if isinstance(block.moe, MixtureOfExperts)]
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        """Weighted load-balancing + router z-loss of the last forward (a scalar)."""
+        layers = self.moe_layers()
+        if not layers:
+            return self.latents.new_zeros(())
+        balance = sum(m.last_balance_loss for m in layers) / len(layers)
+        z = sum(m.last_z_loss for m in layers) / len(layers)
+        return self.balance_loss_weight * balance + self.z_loss_weight * z
+
+    def expert_usage(self) -> dict[str, Any] | None:
+        """Share of routed token slots per expert and block in the last forward, and the raw aux losses."""
+        layers = self.moe_layers()
+        if not layers:
+            return None
+        return {"fraction": [[round(float(v), 4) for v in m.last_usage] for m in layers],
+                "balance_loss": float(sum(float(m.last_balance_loss.detach()) for m in layers) / len(layers)),
+                "z_loss": float(sum(float(m.last_z_loss.detach()) for m in layers) / len(layers))}

@@ -1,0 +1,1 @@
+"""Training methods: functions over already-built objects (generator, data, optimiser); they never read config."""

@@ -1,0 +1,156 @@
+"""GRPO rewards: functional scores of generated networks, higher is better, no gradient.
+
+A reward maps R stacked weight sets of one target, ``{name: (R, *shape)}``, to a tensor
+of shape (R,). Every reward is computed with :mod:`synthnet.evaluation.scoring`, so the
+number GRPO optimises is the number evaluation reports. A new reward is one entry in
+:data:`REWARDS` plus one YAML file in ``configs/reward/``.
+
+* ``val_accuracy``: validation accuracy (the default).
+* ``val_loss``: minus the validation cross-entropy.
+* ``pruned_val_accuracy``: validation accuracy after :func:`magnitude_prune` zeroes the
+  smallest ``prune_fraction`` of the weights by magnitude (non-differentiable twice over:
+  argmax accuracy and a top-k mask).
+
+Scoring runs all R networks as one ``functional_call`` under ``vmap`` (``batched``) or
+one network at a time (``loop``); ``bench/grpo.py`` measures both and ``batched`` is the
+default because it was faster at every size measured there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from synthnet.errors import SynthNetError
+from synthnet.evaluation.scoring import accuracy_and_loss
+
+StackedWeights = Mapping[str, torch.Tensor]  # {name: (R, *shape)}
+
+
+def magnitude_prune(state_dict: Mapping[str, torch.Tensor], fraction: float, *, batch_dims: int = 0,
+                    scope: str = "global", names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Zero the smallest ``fraction`` of weights by absolute value; return a new state dict.
+
+    state_dict: ``{name: (*batch, *shape)}`` with ``batch_dims`` leading batch dimensions
+    (0 for one network, 1 for R stacked networks: each network is pruned on its own).
+    ``names``: the tensors eligible for pruning; default every tensor with at least 2
+    dimensions beyond the batch ones (weight matrices and kernels; biases are kept).
+    ``scope='global'`` (default, as in the evaluation report) ranks all eligible entries of
+    a network together; ``scope='layer'`` prunes ``round(fraction * numel)`` entries of each
+    eligible tensor. Exactly that
+    many entries are zeroed (ties broken by position), so the pruned fraction is exact.
+    """
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise SynthNetError(f"prune fraction must be in [0, 1], got {fraction}")
+    if scope not in ("layer", "global"):
+        raise SynthNetError(f"unknown prune scope '{scope}'; use layer or global")
+    if names is None:
+        names = [k for k, v in state_dict.items() if v.dim() - batch_dims >= 2]
+    out = dict(state_dict)
+    if not names or fraction == 0.0:
+        return out
+
+    def flat(name: str) -> torch.Tensor:  # (batch, numel)
+        tensor = state_dict[name]
+        return tensor.reshape(-1, tensor[(0,) * batch_dims].numel()) if batch_dims else tensor.reshape(1, -1)
+
+    def zero_smallest(values: torch.Tensor) -> torch.Tensor:  # (batch, n) -> (batch, n)
+        count = int(round(float(fraction) * values.shape[1]))
+        if count == 0:
+            return values
+        index = values.abs().argsort(dim=1, stable=True)[:, :count]
+        return values.scatter(1, index, torch.zeros_like(index, dtype=values.dtype))
+
+    if scope == "layer":
+        for name in names:
+            out[name] = zero_smallest(flat(name)).reshape(state_dict[name].shape)
+    else:
+        flats = [flat(name) for name in names]
+        pruned = zero_smallest(torch.cat(flats, dim=1))
+        for name, part in zip(names, pruned.split([f.shape[1] for f in flats], dim=1)):
+            out[name] = part.reshape(state_dict[name].shape)
+    return out
+
+
+@torch.no_grad()
+def accuracy_and_loss_loop(model: nn.Module, stacked: StackedWeights, inputs: torch.Tensor,
+                           labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same numbers as :func:`synthnet.evaluation.scoring.accuracy_and_loss`, one network at a
+    time with ``functional_call`` (the loop the batched version is measured against): (R,), (R,)."""
+    count = next(iter(stacked.values())).shape[0]
+    accuracy, loss = torch.empty(count), torch.empty(count)
+    for i in range(count):
+        logits = functional_call(model, {k: v[i] for k, v in stacked.items()}, (inputs,))  # (N, classes)
+        accuracy[i] = (logits.argmax(-1) == labels).float().mean()
+        loss[i] = torch.nn.functional.cross_entropy(logits, labels)
+    return accuracy, loss
+
+
+SCORERS = {"batched": accuracy_and_loss, "loop": accuracy_and_loss_loop}
+
+
+def _val_accuracy(scores, model, stacked, inputs, labels, options):
+    return scores(model, stacked, inputs, labels)[0]
+
+
+def _val_loss(scores, model, stacked, inputs, labels, options):
+    return -scores(model, stacked, inputs, labels)[1]
+
+
+def _pruned_val_accuracy(scores, model, stacked, inputs, labels, options):
+    pruned = magnitude_prune(stacked, float(options.get("prune_fraction", 0.5)), batch_dims=1,
+                             scope=str(options.get("prune_scope", "global")))
+    return scores(model, pruned, inputs, labels)[0]
+
+
+REWARDS: dict[str, Callable] = {
+    "val_accuracy": _val_accuracy,
+    "val_loss": _val_loss,
+    "pruned_val_accuracy": _pruned_val_accuracy,
+}
+
+
+@dataclass
+class Reward:
+    """A built reward: call it on stacked weights ``{name: (R, *shape)}`` to get (R,) rewards.
+
+    ``model`` is the target architecture (a template for ``functional_call``); ``inputs`` and
+    ``labels`` are the validation split; ``options`` hold reward-specific settings
+    (``prune_fraction``, ``prune_scope``); ``scoring`` is ``batched`` or ``loop``.
+    """
+
+    name: str
+    model: nn.Module
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    options: dict = field(default_factory=dict)
+    scoring: str = "batched"
+    evaluations: int = 0  # candidates scored so far
+    seconds: float = 0.0  # time spent scoring them
+
+    def __post_init__(self):
+        if self.name not in REWARDS:
+            raise SynthNetError(f"unknown reward '{self.name}'; available: {', '.join(sorted(REWARDS))}")
+        if self.scoring not in SCORERS:
+            raise SynthNetError(f"unknown reward scoring '{self.scoring}'; use batched or loop")
+
+    @torch.no_grad()
+    def __call__(self, stacked: StackedWeights) -> torch.Tensor:
+        import time
+
+        start = time.perf_counter()
+        device = self.inputs.device
+        stacked = {k: v.detach().to(device) for k, v in stacked.items()}
+        rewards = REWARDS[self.name](SCORERS[self.scoring], self.model, stacked, self.inputs, self.labels,
+                                     self.options).float()
+        self.seconds += time.perf_counter() - start
+        self.evaluations += int(rewards.shape[0])
+        return rewards
+
+    @property
+    def evaluations_per_second(self) -> float:
+        return self.evaluations / self.seconds if self.seconds > 0 else 0.0

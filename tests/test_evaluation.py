@@ -1,0 +1,258 @@
+"""The evaluation report's metrics on constructed cases with known answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from synthnet.evaluation import metrics
+from synthnet.evaluation.baselines import build_baselines
+from synthnet.evaluation.pipeline import Generated, Options, ZooFinals, evaluate
+from synthnet.evaluation.scoring import predictions, stack_state_dicts
+from synthnet.evaluation.twins import Twins, train_twins
+from synthnet.sampling import sample
+from synthnet.storage import load_state_dict, read_metadata
+from synthnet.targets import build_target, init_state_dict, permute_hidden, random_permutations
+from synthnet.tokenization import build_layout, detokenize, tokenize
+from synthnet.zoo import list_runs
+from synthnet.zoo.training import Recipe
+
+
+def zoo_finals(tiny_zoo, model) -> ZooFinals:
+    runs = list_runs(tiny_zoo["checkpoints_dir"])
+    seeds = sorted(runs)
+    states = [load_state_dict(runs[s][-1], model)[0] for s in seeds]
+    val = [read_metadata(runs[s][-1])["val_accuracy"] for s in seeds]
+    finals = stack_state_dicts(states)
+    return ZooFinals(seeds, finals, val, finals)
+
+
+@pytest.fixture(scope="module")
+def mlp(digits_task, tiny_zoo):
+    return build_target(tiny_zoo["target"], digits_task.input_shape, digits_task.num_classes)
+
+
+# --------------------------------------------------------------------------- behaviour
+
+
+def test_identical_models_iou_one_disagreement_zero(digits_task, tiny_zoo, mlp):
+    zoo = zoo_finals(tiny_zoo, mlp)
+    same = {k: torch.cat([v[:1], v[:1]]) for k, v in zoo.finals.items()}  # one final, twice
+    preds = predictions(mlp, same, digits_task.x_test)
+    errors = metrics.error_sets(preds, digits_task.y_test)
+    assert errors[0].sum() > 0  # a real, non-empty error set
+    assert torch.equal(metrics.error_set_iou(errors, errors), torch.ones(2, 2, dtype=torch.float64))
+    assert torch.equal(metrics.disagreement(preds, preds), torch.zeros(2, 2, dtype=torch.float64))
+
+
+def test_disjoint_and_partial_error_sets():
+    a = torch.tensor([[True, True, False, False, False, False]])
+    b = torch.tensor([[False, False, True, True, False, False],   # disjoint: 0
+                      [False, True, True, False, False, False],   # 1 shared of 3: 1/3
+                      [False, False, False, False, False, False]])  # empty vs non-empty: 0
+    assert torch.allclose(metrics.error_set_iou(a, b), torch.tensor([[0.0, 1 / 3, 0.0]], dtype=torch.float64))
+    none = torch.zeros(2, 6, dtype=torch.bool)
+    assert torch.equal(metrics.error_set_iou(none, none), torch.ones(2, 2, dtype=torch.float64))  # both perfect
+    preds = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0]])
+    assert metrics.disagreement(preds, preds)[0, 1] == 0.25
+    assert metrics.mean_off_diagonal(metrics.disagreement(preds, preds)) == 0.25
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@pytest.mark.parametrize("target, input_shape", [
+    ({"name": "mlp", "hidden": [12, 9]}, (1, 8, 8)),
+    ({"name": "cnn", "channels": [5, 7], "kernel_size": 3, "pool": 2, "fc": [6]}, (1, 16)),  # conv1d + flatten
+    ({"name": "cnn", "channels": [4], "kernel_size": 3, "pool": 2, "fc": []}, (2, 6, 6)),  # conv2d
+])
+def test_permuted_copy_aligns_to_distance_zero(target, input_shape):
+    model = build_target(target, input_shape, 5)
+    specs = model.layer_specs()
+    state = init_state_dict(target, input_shape, 5, seed=3)
+    perms = random_permutations(specs, state, torch.Generator().manual_seed(1))
+    permuted = permute_hidden(state, specs, perms)
+    x = torch.randn(7, *input_shape)
+    with torch.no_grad():  # the permuted copy is the same function
+        assert torch.allclose(torch.func.functional_call(model, state, (x,)),
+                              torch.func.functional_call(model, permuted, (x,)), atol=1e-5)
+    a, b = stack_state_dicts([permuted]), stack_state_dicts([state])
+    assert metrics.relative_distance(a, b).item() > 0.5
+    assert metrics.distance_matrix(a, b, specs, aligned=False).item() > 0.5
+    assert metrics.distance_matrix(a, b, specs).item() == pytest.approx(0.0, abs=1e-7)
+    aligned = metrics.align_pairs(a, b, specs)
+    assert all(torch.equal(aligned[k], b[k]) for k in b)
+
+
+def test_cosine_magnitude_and_input_sensitivity_of_a_constant():
+    target, shape = {"name": "mlp", "hidden": [10]}, (1, 6)
+    specs = build_target(target, shape, 3).layer_specs()
+    inits = stack_state_dicts([init_state_dict(target, shape, 3, s) for s in range(4)])
+    doubled = {k: 2 * v for k, v in inits.items()}
+    assert torch.allclose(metrics.cosine_similarity(doubled, inits), torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(metrics.magnitude_ratio(doubled, inits), torch.full((4,), 2.0, dtype=torch.float64))
+    constant = {k: v[:1].expand_as(v) for k, v in inits.items()}
+    assert metrics.input_sensitivity(constant, inits, specs)["ratio"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics.input_sensitivity(inits, inits, specs)["ratio"] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def test_baselines_are_built_from_the_zoo_they_claim(digits_task, tiny_zoo, mlp):
+    zoo = zoo_finals(tiny_zoo, mlp)
+    specs = mlp.layer_specs()
+    baselines = {b.name: b for b in build_baselines(zoo.finals, zoo.seeds, zoo.val_accuracy, specs,
+                                                    count_per_baseline=4, average_size=2, noise_scales=(0.1, 0.5))}
+    assert set(baselines) == {"copy", "average", "aligned average", "noise x0.1", "noise x0.5", "gaussian fit"}
+    index = {seed: i for i, seed in enumerate(zoo.seeds)}
+    best = max(range(len(zoo.seeds)), key=lambda i: zoo.val_accuracy[i])
+    assert baselines["copy"].sources[0] == [zoo.seeds[best]]  # chosen on validation accuracy
+    for name, baseline in baselines.items():
+        assert metrics.count(baseline.networks) == 4
+        assert all(set(s) <= set(zoo.seeds) for s in baseline.sources)
+        for i, sources in enumerate(baseline.sources):
+            members = metrics.select(zoo.finals, [index[s] for s in sources])
+            if name == "copy":
+                assert all(torch.equal(baseline.networks[k][i], members[k][0]) for k in members)
+            elif name == "average":
+                assert len(sources) == 2
+                assert all(torch.allclose(baseline.networks[k][i], members[k].mean(0)) for k in members)
+            elif name == "aligned average":  # the mean of the members after matching them to the first
+                anchor = {k: v[:1].expand_as(v) for k, v in members.items()}
+                matched = metrics.align_pairs(members, anchor, specs)
+                assert all(torch.allclose(baseline.networks[k][i], matched[k].mean(0)) for k in members)
+            elif name.startswith("noise"):
+                scale = float(name.split("x")[1])
+                dist = metrics.relative_distance(metrics.select(baseline.networks, [i]), members).item()
+                assert dist == pytest.approx(scale, rel=0.3)
+    assert baselines["gaussian fit"].sources[0] == zoo.seeds
+
+
+# --------------------------------------------------------------------------- twins and the whole report
+
+
+def test_twin_of_a_zoo_seed_reproduces_the_zoo_run(digits_task, tiny_zoo, mlp):
+    seed = 1
+    init = init_state_dict(tiny_zoo["target"], digits_task.input_shape, digits_task.num_classes, seed)
+    twins = train_twins(mlp, [init], [seed], digits_task, Recipe(**{**tiny_zoo["recipe"].__dict__,
+                                                                  "checkpoint_every": 7}))
+    zoo_final, _ = load_state_dict(list_runs(tiny_zoo["checkpoints_dir"])[seed][-1], mlp)
+    assert all(torch.equal(twins.states[0][k][0], init[k]) for k in init)
+    assert all(torch.allclose(twins.final[k][0], zoo_final[k], atol=1e-5) for k in zoo_final)
+    assert twins.net_seconds[0] == 0 and (twins.net_seconds.diff() >= 0).all()
+    assert len(twins.steps) > tiny_zoo["recipe"].epochs  # the fine time grid
+
+
+def test_time_to_reach():
+    twins = Twins(seeds=[0, 1], final_step=20, steps=torch.tensor([0, 10, 20]),
+                  gross_seconds=torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64),
+                  net_seconds=torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64),
+                  test_accuracy=torch.tensor([[0.1, 0.1], [0.5, 0.9], [0.8, 0.95]], dtype=torch.float64), states={})
+    seconds, reached = twins.time_to_reach(torch.tensor([0.6, 0.9]))
+    assert seconds.tolist() == [2.0, 1.0] and reached.tolist() == [True, True]
+    seconds, reached = twins.time_to_reach(torch.tensor([0.99, 0.05]))
+    assert seconds.tolist() == [2.0, 0.0] and reached.tolist() == [False, True]
+
+
+def run_generator(denoiser, layout, inits, steps=2) -> list[dict]:
+    """What ``generate_networks`` does, for a stand-in denoiser: states per step."""
+    result = sample(denoiser, tokenize(inits, layout), layout, steps)
+    return [detokenize(x, layout) for x in result.trajectory]
+
+
+def test_report_flags_a_constant_generator(digits_task, tiny_zoo, mlp, tmp_path):
+    from synthnet.evaluation.report import to_json, write_report
+
+    zoo = zoo_finals(tiny_zoo, mlp)
+    specs = mlp.layer_specs()
+    seeds = [2000000 + i for i in range(4)]
+    inits = [init_state_dict(tiny_zoo["target"], digits_task.input_shape, digits_task.num_classes, s) for s in seeds]
+    twins = train_twins(mlp, inits, seeds, digits_task, Recipe(**{**tiny_zoo["recipe"].__dict__,
+                                                                "checkpoint_every": 10}))
+    layout = build_layout(specs, mlp.state_dict(), chunk_size=16)
+    memorised = tokenize(metrics.select(zoo.finals, [0]), layout)  # (1, tokens, chunk): a zoo final
+
+    def constant(tokens, t_source, t_target, layout):  # ignores its input
+        return memorised.expand_as(tokens)
+
+    def identity(tokens, t_source, t_target, layout):
+        return tokens
+
+    stacked_inits = stack_state_dicts(inits)
+    generated = [Generated("constant", run_generator(constant, layout, stacked_inits), 0.01),
+                 Generated("identity", run_generator(identity, layout, stacked_inits), 0.01)]
+    baselines = build_baselines(zoo.finals, zoo.seeds, zoo.val_accuracy, specs, count_per_baseline=4)
+    result = evaluate(model=mlp, specs=specs, task=digits_task, zoo=zoo, twins=twins, generated=generated,
+                      baselines=baselines, options=Options(prune_fractions=(0.5,)))
+    const, ident = result["generators"]["constant"], result["generators"]["identity"]
+    assert const["input_sensitivity"]["input_insensitive"] and not ident["input_sensitivity"]["input_insensitive"]
+    assert const["max_iou_vs_zoo"]["min"] == 1.0  # a copy of a zoo final: its errors exactly
+    assert const["nearest_zoo_distance_aligned"]["max"] == pytest.approx(0.0, abs=1e-6)
+    assert const["diversity_disagreement"] == 0.0 and const["headline"]["diversity_ratio"] == 0.0
+    assert "copy" not in const["placement"]["more_novel_than"]
+    assert ident["per_step"][-1]["test_accuracy"] == ident["per_step"][0]["test_accuracy"]
+    assert ident["per_step"][0]["test_accuracy"]["mean"] == pytest.approx(float(twins.test_accuracy[0].mean()))
+    assert ident["time_to_accuracy"]["twin_seconds_to_same_accuracy"]["max"] == 0.0  # an init is reached at once
+    assert result["twins"]["max_iou_vs_zoo"]["max"] < 1.0
+    json.loads(to_json(result))  # strict JSON: no NaN
+    paths = write_report(result, {"target": "mlp"}, tmp_path)
+    assert {"json", "markdown", "accuracy_per_step", "accuracy_vs_novelty", "fidelity_per_step",
+            "iou_matrices"} <= set(paths)
+    text = paths["markdown"].read_text()
+    assert "flagged: the generator ignores its input" in text and "| constant |" in text
+    assert math.isclose(json.loads(paths["json"].read_text())["generators"]["constant"]["headline"]
+                        ["input_sensitivity_ratio"], 0.0, abs_tol=1e-9)
+
+
+def test_evaluate_command(tiny_zoo, tmp_path, capsys):
+    from synthnet.cli import main
+
+    common = [f"paths.root={tmp_path}", f"paths.checkpoints_dir={tiny_zoo['checkpoints_dir']}",
+              "target.hidden=[16]", "progress=false", "evaluate.count=3", "evaluate.twin_checkpoints=5"]
+    assert main(["evaluate", *common]) == 2
+    assert "no generator files (*.safetensors) in" in capsys.readouterr().err
+    assert main(["evaluate", *common, "paths.checkpoints_dir=" + str(tmp_path / "none"), "evaluate.generators=[]"]) == 2
+    assert "no zoo in" in capsys.readouterr().err
+    assert main(["evaluate", *common, "evaluate.generators=[]", "evaluate.novelty_pool=all"]) == 0
+    report = json.loads((tmp_path / "digits-mlp" / "reports" / "report.json").read_text())
+    assert report["twins"]["count"] == 3 and len(report["zoo"]["seeds"]) == 3
+    assert report["zoo"]["pool_size"] == 9  # 3 runs x 3 epochs (the inits are left out)
+    assert report["zoo"]["nearest_zoo_distance_aligned"]["min"] > 0  # its own run is left out
+    assert report["baselines"]["copy"]["nearest_zoo_distance_aligned"]["max"] == 0
+    assert (tmp_path / "digits-mlp" / "reports" / "accuracy_vs_novelty.png").stat().st_size > 0
+
+
+def test_results_table_needs_markers_and_fills_them(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("results_table", Path(__file__).parents[1] / "bench" / "results_table.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\nno markers\n")
+    with pytest.raises(SystemExit, match="results:start"):
+        bench.main(["--readme", str(readme), "--table-only", "--root", str(tmp_path)])
+    readme.write_text(f"# title\n{bench.START}\nold\n{bench.END}\ntail\n")
+    stats = {"mean": 0.9, "std": 0.01, "median": 0.9, "min": 0.8, "max": 1.0}
+    row = {"test_accuracy": stats, "max_iou_vs_zoo": stats, "nearest_zoo_distance_aligned": stats,
+           "diversity_disagreement": 0.1}
+    report = {"header": {"machine": "test machine"}, "twins": row, "baselines": {"aligned average": row},
+              "generators": {"g": {**row, "input_sensitivity": {"input_insensitive": True},
+                                   "placement": {"dominated_by": ["copy"]},
+                                   "headline": {k: 0.5 for k in ("accuracy_ratio", "novelty_ratio",
+                                                                  "weight_novelty_ratio", "diversity_ratio",
+                                                                  "input_sensitivity_ratio",
+                                                                  "time_to_accuracy_ratio")}}}}
+    (tmp_path / "digits-mlp" / "reports").mkdir(parents=True)
+    (tmp_path / "digits-mlp" / "reports" / "report.json").write_text(json.dumps(report))
+    assert bench.main(["--readme", str(readme), "--table-only", "--root", str(tmp_path),
+                       "--settings", "digits-mlp"]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("# title\n") and text.endswith(f"{bench.END}\ntail\n")
+    assert "| digits MLP | g | 0.900 ± 0.010 | 0.500 |" in text and "(insensitive)" in text
+    assert "Machine: test machine" in text and "Reproduce: `python bench/results_table.py" in text

@@ -1,0 +1,297 @@
+"""GRPO: advantages, clipped objective, exact KL, a toy reward with a known optimum, pruning
+rewards and one real iteration through the CLI on a tiny digits zoo."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from synthnet.methods.grpo import (GRPOSettings, clipped_surrogate, group_advantages, policy_kl, rollout, tied_groups,
+                                   train)
+from synthnet.methods.rewards import REWARDS, Reward, accuracy_and_loss_loop, magnitude_prune
+from synthnet.sampling import gaussian_kl, sample, step_log_probs
+from synthnet.targets import MLP
+from synthnet.tokenization import build_layout, detokenize, tokenize
+
+
+class ShiftDenoiser(nn.Module):
+    """Stand-in policy: moves every token by a learned offset scaled by the time step."""
+
+    def __init__(self, num_tokens: int, chunk: int):
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(num_tokens, chunk))
+
+    def forward(self, tokens, t_source, t_target, layout):  # (B, N, C), (B,), (B,) -> (B, N, C)
+        return tokens + (t_target - t_source)[:, None, None] * self.shift
+
+    def auxiliary_loss(self):
+        return self.shift.new_zeros(())
+
+
+@pytest.fixture()
+def toy_layout():
+    model = MLP(input_shape=(4,), num_classes=3, hidden=[5])
+    return build_layout(model.layer_specs(), model.state_dict(), chunk_size=4)
+
+
+def test_group_advantages_normalise_and_zero_std():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.7, 0.7, 0.7, 0.7], [0.1, 0.1, 0.1, 0.3]])
+    adv = group_advantages(rewards, eps=1e-6)
+    first = (rewards[0] - 2.5) / (math.sqrt(1.25) + 1e-6)
+    assert torch.allclose(adv[0], first)
+    assert torch.equal(adv[1], torch.zeros(4))  # all tie: exactly zero, no NaN
+    assert torch.allclose(adv[2].mean(), torch.tensor(0.0), atol=1e-6)
+    assert adv[2, 3] > 0 and (adv[2, :3] < 0).all()
+    assert torch.allclose(adv[0].std(unbiased=False), torch.tensor(1.0), atol=1e-4)
+    assert tied_groups(rewards).tolist() == [False, True, False]
+    # ties that are not bit-identical after a mean are still exactly zero
+    assert torch.equal(group_advantages(torch.full((1, 3), 0.1)), torch.zeros(1, 3))
+
+
+def test_clipped_surrogate_matches_hand_computation():
+    ratios = torch.tensor([1.5, 0.5, 1.1, 0.5])
+    advantages = torch.tensor([1.0, -1.0, 2.0, 1.0])
+    new = ratios.log().requires_grad_(True)
+    loss, clip_fraction = clipped_surrogate(new, torch.zeros(4), advantages, clip_epsilon=0.2)
+    # per element max(-A r, -A clip(r)): -1.2 (clipped), 0.8 (clipped), -2.2, -0.5 (pessimistic, unclipped)
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2 - 0.5) / 4, abs=1e-6)
+    assert clip_fraction.item() == pytest.approx(0.75)
+    loss.backward()
+    # d/d logp of -A r / 4 is -A r / 4 where the unclipped term is active, 0 where clipped
+    assert torch.allclose(new.grad, torch.tensor([0.0, 0.0, -2.2 / 4, -0.5 / 4]), atol=1e-6)
+
+
+def test_clipped_surrogate_per_step_broadcasts_advantages():
+    new = torch.zeros(2, 3)
+    loss, clip_fraction = clipped_surrogate(new, torch.zeros(2, 3), torch.tensor([1.0, -3.0]), 0.2)
+    assert loss.item() == pytest.approx(1.0)  # mean of -A over candidates and steps
+    assert clip_fraction.item() == 0.0
+
+
+def test_gaussian_kl_and_log_prob_match_closed_form(toy_layout):
+    torch.manual_seed(0)
+    shape = (3, toy_layout.num_tokens, toy_layout.chunk_size)
+    mask = toy_layout.mask
+    mean_p, mean_q, x = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    std = 0.3
+    p, q = torch.distributions.Normal(mean_p, std), torch.distributions.Normal(mean_q, std)
+    reference = (torch.distributions.kl_divergence(p, q) * mask).sum((1, 2)) / mask.sum()
+    assert torch.allclose(gaussian_kl(mean_p, mean_q, std, mask), reference, atol=1e-6)
+    # closed form for equal variances
+    closed = (((mean_p - mean_q) ** 2 / (2 * std ** 2)) * mask).sum((1, 2)) / mask.sum()
+    assert torch.allclose(gaussian_kl(mean_p, mean_q, std, mask), closed, atol=1e-6)
+    assert torch.equal(gaussian_kl(mean_p, mean_p, std, mask), torch.zeros(3))
+    # policy_kl averages the noisy steps only
+    kl = policy_kl([mean_p, mean_p], [mean_q, mean_p * 5], [std, 0.0], mask)
+    assert torch.allclose(kl, reference, atol=1e-6)
+
+
+def test_rollout_log_probs_are_exact_and_recomputed(toy_layout):
+    torch.manual_seed(0)
+    policy = ShiftDenoiser(toy_layout.num_tokens, toy_layout.chunk_size)
+    with torch.no_grad():
+        policy.shift.normal_()
+    inits = torch.randn(2, toy_layout.num_tokens, toy_layout.chunk_size) * toy_layout.mask
+    batch = rollout(policy, inits, toy_layout, group_size=3, steps=2, noise_scale=[0.1, 0.2],
+                    generator=torch.Generator().manual_seed(1))
+    assert batch.log_probs.shape == (6, 2)
+    assert torch.equal(batch.trajectory[0][0], batch.trajectory[0][2])  # a group shares its init
+    assert not torch.equal(batch.final[0], batch.final[1])  # but not its candidates
+    mask = toy_layout.mask
+    for k, std in enumerate([0.1, 0.2]):
+        mean = batch.trajectory[k] + 0.5 * policy.shift.detach() * mask
+        direct = (torch.distributions.Normal(mean, std).log_prob(batch.trajectory[k + 1]) * mask).sum((1, 2)) / mask.sum()
+        assert torch.allclose(batch.log_probs[:, k], direct, atol=1e-5)
+    recomputed, _ = step_log_probs(policy, batch.trajectory, toy_layout, batch.times, [0.1, 0.2])
+    assert torch.allclose(recomputed, batch.log_probs, atol=1e-5)
+
+
+def _toy_run(toy_layout, beta: float, iterations: int = 12):
+    torch.manual_seed(0)
+    tokens, chunk = toy_layout.num_tokens, toy_layout.chunk_size
+    mask = toy_layout.mask.float()
+    target = torch.randn(tokens, chunk) * mask
+    policy = ShiftDenoiser(tokens, chunk)
+    reference = ShiftDenoiser(tokens, chunk)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=0.1)
+    settings = GRPOSettings(inits_per_iteration=2, group_size=8, steps=2, noise_scale=0.3, inner_epochs=2, beta=beta)
+
+    def reward_fn(final):  # minus the distance of the generated weights to a fixed vector
+        return -(((final - target) * mask) ** 2).sum((1, 2))
+
+    def make_inits(iteration):
+        return torch.zeros(2, tokens, chunk)
+
+    def distance():
+        with torch.no_grad():
+            out = sample(policy, torch.zeros(1, tokens, chunk), toy_layout, 2).final  # deterministic mode
+        return float(((out[0] - target) * mask).norm())
+
+    before = distance()
+    history = train(policy, reference, optimizer, layout=toy_layout, make_inits=make_inits, reward_fn=reward_fn,
+                    settings=settings, iterations=iterations, progress=False)
+    return before, distance(), history
+
+
+def test_grpo_moves_deterministic_output_toward_known_optimum(toy_layout):
+    before, after, history = _toy_run(toy_layout, beta=0.0)
+    assert after < 0.75 * before
+    assert history[-1]["reward_mean"] > history[0]["reward_mean"]
+    for key in ("reward_mean", "reward_max", "reward_std", "tie_fraction", "kl", "clip_fraction", "seconds"):
+        assert math.isfinite(history[-1][key])
+    assert history[-1]["kl"] > 0  # the policy left the frozen reference
+
+
+def test_kl_penalty_holds_policy_near_reference(toy_layout):
+    _, free, free_history = _toy_run(toy_layout, beta=0.0, iterations=6)
+    _, held, held_history = _toy_run(toy_layout, beta=50.0, iterations=6)
+    assert held_history[-1]["kl"] < free_history[-1]["kl"]
+    assert held > free
+
+
+def test_magnitude_prune_exact_fraction_per_network():
+    torch.manual_seed(0)
+    stacked = {"w": torch.randn(3, 4, 5), "b": torch.randn(3, 4)}
+    pruned = magnitude_prune(stacked, 0.5, batch_dims=1)
+    assert torch.equal(pruned["b"], stacked["b"])  # biases are kept
+    for i in range(3):
+        kept = pruned["w"][i] != 0
+        assert int(kept.sum()) == 10
+        assert stacked["w"][i][kept].abs().min() >= stacked["w"][i][~kept].abs().max()
+    single = magnitude_prune({"w": stacked["w"][1], "b": stacked["b"][1]}, 0.5)
+    assert torch.equal(single["w"], pruned["w"][1])
+    global_pruned = magnitude_prune({"a": torch.tensor([[1.0, -4.0]]), "c": torch.tensor([[3.0, 0.5]])}, 0.5,
+                                    scope="global")
+    assert global_pruned["a"].tolist() == [[0.0, -4.0]] and global_pruned["c"].tolist() == [[3.0, 0.0]]
+
+
+def test_rewards_batched_equals_loop(digits_task):
+    model = MLP(input_shape=digits_task.input_shape, num_classes=10, hidden=[8])
+    nets = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        nets.append({k: v.detach().clone() for k, v in MLP(input_shape=digits_task.input_shape, num_classes=10,
+                                                             hidden=[8]).state_dict().items()})
+    stacked = {k: torch.stack([n[k] for n in nets]) for k in nets[0]}
+    for name in REWARDS:
+        batched = Reward(name, model, digits_task.x_val, digits_task.y_val, {"prune_fraction": 0.3})(stacked)
+        looped = Reward(name, model, digits_task.x_val, digits_task.y_val, {"prune_fraction": 0.3},
+                        scoring="loop")(stacked)
+        assert batched.shape == (4,)
+        assert torch.allclose(batched, looped, atol=1e-5)
+    accuracy, _ = accuracy_and_loss_loop(model, stacked, digits_task.x_val, digits_task.y_val)
+    assert torch.allclose(Reward("val_accuracy", model, digits_task.x_val, digits_task.y_val)(stacked), accuracy)
+    # pruning everything leaves bias-only networks: every input gets the same class
+    fully = Reward("pruned_val_accuracy", model, digits_task.x_val, digits_task.y_val, {"prune_fraction": 1.0})
+    assert (fully(stacked) < 0.2).all()
+
+
+def test_rewards_on_tokens_roundtrip(digits_task):
+    model = MLP(input_shape=digits_task.input_shape, num_classes=10, hidden=[8])
+    layout = build_layout(model.layer_specs(), model.state_dict(), chunk_size=16)
+    tokens = tokenize({k: v[None] for k, v in model.state_dict().items()}, layout)
+    reward = Reward("val_accuracy", model, digits_task.x_val, digits_task.y_val)
+    value = reward(detokenize(tokens, layout))
+    assert value.shape == (1,) and reward.evaluations == 1
+
+
+def _grpo_config(root, *overrides):
+    from synthnet.cli import compose
+
+    return compose([f"paths.root={root}", "target.hidden=[16]", "method=grpo", "generator=perceiver_moe",
+                    "++generator.d_model=32", "++generator.num_latents=8", "++generator.num_blocks=1",
+                    "++generator.time_dim=16", "++generator.message_rank=8", "method.inits_per_iteration=2",
+                    "method.group_size=3", "generate.steps=2", "method.save_every=1", "progress=false",
+                    *overrides])
+
+
+def _write_imitation_stand_in(cfg):
+    """An (untrained) generator saved where the imitation stage writes its file."""
+    from synthnet.cli import container
+    from synthnet.commands.train_grpo import imitation_path
+    from synthnet.generation import target_layout
+    from synthnet.generators import build_generator, save_generator
+
+    torch.manual_seed(0)
+    _, layout = target_layout(container(cfg.target), (1, 8, 8), 10, int(cfg.generator.chunk_size))
+    model = build_generator(container(cfg.generator), layout)
+    save_generator(imitation_path(cfg), model, config=container(cfg.generator), target_config=container(cfg.target),
+                   task_config=container(cfg.task), chunk_size=layout.chunk_size)
+
+
+def test_grpo_command_writes_resumable_generator(tmp_path):
+    from synthnet.commands.train_grpo import grpo_path, read_records, train_grpo
+    from synthnet.generators import load_generator
+    from synthnet.storage import load_state_dict, read_metadata
+
+    straight = _grpo_config(tmp_path / "a", "method.iterations=2")
+    _write_imitation_stand_in(straight)
+    path = train_grpo(straight)
+    assert path == grpo_path(straight) and path.name == "perceiver_moe-grpo.safetensors"
+    header = read_metadata(path)
+    assert header["method"] == "grpo" and header["reward"] == "val_accuracy" and header["grpo_iteration"] == 2
+    assert header["imitation_source"] == "perceiver_moe-imitation.safetensors"
+    loaded = load_generator(path)  # a normal generator file
+    records = read_records(path.with_name("perceiver_moe-grpo.metrics.jsonl"))
+    assert [r["iteration"] for r in records] == [1, 2]
+    for key in ("reward_mean", "reward_max", "reward_std", "tie_fraction", "kl", "clip_fraction", "seconds",
+                "evaluations_per_second"):
+        assert math.isfinite(records[-1][key])
+    assert (tmp_path / "a" / "digits-mlp" / "reports" / "perceiver_moe-grpo-reward.png").stat().st_size > 0
+
+    # one iteration, then resume to two: the same weights as two iterations straight through
+    first = _grpo_config(tmp_path / "b", "method.iterations=1")
+    _write_imitation_stand_in(first)
+    train_grpo(first)
+    resumed = train_grpo(_grpo_config(tmp_path / "b", "method.iterations=2"))
+    assert read_metadata(resumed)["grpo_iteration"] == 2
+    a, _ = load_state_dict(path)
+    b, _ = load_state_dict(resumed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert len(read_records(resumed.with_name("perceiver_moe-grpo.metrics.jsonl"))) == 2
+    assert sorted(p.name for p in resumed.parent.glob("*.safetensors")) == [  # resume state kept apart
+        "perceiver_moe-grpo.safetensors", "perceiver_moe-imitation.safetensors"]
+    assert loaded.metadata["grpo_settings"]["group_size"] == 3
+
+
+def test_cli_trains_imitation_then_grpo_on_tiny_zoo(tmp_path, tiny_zoo, capsys):
+    """`synthnet train method=grpo` with no imitation file: imitation first, then one GRPO iteration."""
+    from synthnet.cli import main
+    from synthnet.generators import load_generator
+    from synthnet.storage import read_metadata
+
+    root = tmp_path / "cli"
+    overrides = [f"paths.root={root}", f"paths.checkpoints_dir={tiny_zoo['checkpoints_dir']}", "target.hidden=[16]",
+                 "method=grpo", "++generator.d_model=32", "++generator.num_latents=8", "++generator.num_blocks=1",
+                 "++generator.time_dim=16", "++generator.message_rank=8", "method.imitation.steps=2",
+                 "method.imitation.val_runs=1", "method.imitation.batch_size=8", "method.imitation.log_every=1",
+                 "method.imitation.eval_every=2", "method.imitation.save_every=2", "method.imitation.warmup_steps=1",
+                 "method.iterations=1", "method.inits_per_iteration=2", "method.group_size=3", "generate.steps=2",
+                 "reward=pruned_val_accuracy", "reward.prune_fraction=0.3", "progress=false"]
+    assert main(["train", *overrides]) == 0
+    generators = root / "digits-mlp" / "generators"
+    imitation = generators / "perceiver_moe-imitation.safetensors"
+    tuned = generators / "perceiver_moe-grpo-pruned_val_accuracy.safetensors"
+    assert imitation.exists() and tuned.exists()
+    header = read_metadata(tuned)
+    assert header["method"] == "grpo" and header["reward"] == "pruned_val_accuracy"
+    assert header["reward_config"]["prune_fraction"] == 0.3 and header["grpo_iteration"] == 1
+    assert header["imitation_fingerprint"] == read_metadata(imitation)["fingerprint"]
+    assert load_generator(tuned).config == load_generator(imitation).config
+    assert "grpo:" in capsys.readouterr().out
+    # raising the iteration count resumes the same file
+    assert main(["train", *overrides[:-1], "method.iterations=2", "progress=false"]) == 0
+    assert read_metadata(tuned)["grpo_iteration"] == 2
+
+
+def test_grpo_reward_suffix_and_missing_imitation(tmp_path):
+    from synthnet.commands.train_grpo import grpo_path, train_grpo
+    from synthnet.errors import SynthNetError
+
+    cfg = _grpo_config(tmp_path, "reward=pruned_val_accuracy", "method.imitation_first=false", "method.iterations=1")
+    assert grpo_path(cfg).name == "perceiver_moe-grpo-pruned_val_accuracy.safetensors"
+    with pytest.raises(SynthNetError, match="synthnet train method=imitation"):
+        train_grpo(cfg)

@@ -1,0 +1,116 @@
+"""Imitation training: pairs, augmentation, loss, a step that helps, overfitting a tiny zoo, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from synthnet.generation import target_layout
+from synthnet.generators import build_generator
+from synthnet.methods.data import load_zoo_tokens, split_runs
+from synthnet.methods.imitation import (EMA, ImitationSettings, apply_index, imitation_loss, layer_mse,
+                                        layer_value_weights, make_batch, permutation_index, sample_pairs,
+                                        train_imitation)
+from synthnet.targets import permute_hidden, random_permutations
+from synthnet.tokenization import detokenize, tokenize
+
+
+@pytest.fixture(scope="module")
+def zoo(tiny_zoo, digits_task):
+    template, layout = target_layout(tiny_zoo["target"], digits_task.input_shape, digits_task.num_classes, 32)
+    return load_zoo_tokens(tiny_zoo["checkpoints_dir"], layout, template.layer_specs(), template.state_dict(),
+                           target_config=tiny_zoo["target"])
+
+
+def test_zoo_loads_as_tokens_with_times(zoo):
+    assert zoo.tokens.shape[:2] == (3, 4) and zoo.seeds == [0, 1, 2]
+    assert torch.allclose(zoo.times[0], torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
+    assert split_runs(3, 1) == ([0, 1], [2]) and split_runs(1, 4) == ([0], [])
+
+
+def test_missing_zoo_says_where_and_how(tmp_path, zoo):
+    from synthnet.errors import SynthNetError
+    with pytest.raises(SynthNetError, match=f"no zoo in {tmp_path}.*synthnet zoo"):
+        load_zoo_tokens(tmp_path, zoo.layout, zoo.specs, {})
+
+
+def test_pair_sampling():
+    times = torch.linspace(0, 1, 6).expand(4, -1)
+    g = torch.Generator().manual_seed(0)
+    run, i1, i2 = sample_pairs(times, 500, g)
+    assert (i1 < i2).all() and run.max() == 3 and (i1 == 0).any() and (i2 - i1 > 1).any()
+    _, i1, i2 = sample_pairs(times, 200, g, gap="adjacent")
+    assert (i2 == i1 + 1).all()
+    _, i1, i2 = sample_pairs(times, 200, g, max_gap=0.4)
+    assert ((times[0, i2] - times[0, i1]) <= 0.4 + 1e-6).all()
+    _, i1, _ = sample_pairs(times, 50, g, from_init_fraction=1.0)
+    assert (i1 == 0).all()
+
+
+def test_permutation_augmentation_is_the_targets_permutation_on_both_sides(zoo, digits_task):
+    g = torch.Generator().manual_seed(0)
+    reference = detokenize(zoo.tokens[0, -1], zoo.layout)
+    perms = random_permutations(zoo.specs, reference, g)
+    index = permutation_index(zoo.layout, zoo.specs, perms)
+    pair = zoo.tokens[0, [0, -1]]  # (2, N, C): init and final of one run
+    moved = apply_index(pair, index.expand(2, -1))
+    for k in range(2):
+        expected = tokenize(permute_hidden(detokenize(pair[k], zoo.layout), zoo.specs, perms), zoo.layout)
+        assert torch.equal(moved[k], expected)
+    template, _ = target_layout(zoo.target_config, digits_task.input_shape, digits_task.num_classes, 32)
+    x = digits_task.x_test[:50]
+    template.load_state_dict(reference)
+    before = template(x)
+    template.load_state_dict(detokenize(moved[1], zoo.layout))
+    assert torch.allclose(template(x), before, atol=1e-5)  # the same function
+
+
+def test_layer_normalised_mse_weighs_layers_equally(zoo):
+    weights = layer_value_weights(zoo.layout)
+    assert torch.isclose(weights.sum(), torch.tensor(1.0))
+    first = zoo.layout.layers[0]
+    target = torch.zeros(1, *zoo.layout.mask.shape)
+    error_first = torch.zeros_like(target)
+    error_first[0, first.first_token:first.first_token + first.num_tokens] = 1.0
+    error_last = torch.zeros_like(target)
+    error_last[0, first.num_tokens:] = 1.0
+    assert torch.isclose(layer_mse(error_first * zoo.layout.mask, target, weights),
+                         layer_mse(error_last * zoo.layout.mask, target, weights))
+
+
+@pytest.mark.parametrize("name", ["perceiver_moe", "flat_mlp"])
+def test_one_step_lowers_the_loss(zoo, name):
+    torch.manual_seed(0)
+    options = {"d_model": 32, "num_latents": 8, "num_blocks": 1} if name == "perceiver_moe" else {"hidden": 64}
+    model = build_generator({"name": name, **options}, zoo.layout)
+    settings = ImitationSettings(batch_size=16, noise_std=0.05, permute=True)
+    batch = make_batch(zoo, settings, torch.Generator().manual_seed(1), torch.device("cpu"))
+    weights = layer_value_weights(zoo.layout)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss, mse = imitation_loss(model, batch, zoo.layout, weights)
+    assert torch.isfinite(loss) and loss >= mse
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after, _ = imitation_loss(model, batch, zoo.layout, weights)
+    assert after < loss
+
+
+@pytest.mark.parametrize("name", ["perceiver_moe", "flat_mlp"])
+def test_training_overfits_a_two_run_zoo(zoo, name):
+    torch.manual_seed(0)
+    data = zoo.select([0, 1])
+    options = ({"d_model": 32, "num_latents": 8, "num_blocks": 1, "num_experts": 2, "top_k": 1}
+               if name == "perceiver_moe" else {"hidden": 128})
+    model = build_generator({"name": name, **options}, data.layout)
+    settings = ImitationSettings(steps=120, batch_size=12, lr=3e-3, warmup_steps=5, permute=False, noise_std=0.0,
+                                 ema_decay=0.0, log_every=120, eval_every=120, save_every=120,
+                                 consistency_weight=0.1)
+    weights = layer_value_weights(data.layout)
+    start = torch.stack([layer_mse(data.tokens[r, 0:1], data.tokens[r, -1:], weights) for r in range(2)]).mean()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    ema = EMA(model, settings.ema_decay)
+    metrics = train_imitation(model, optimizer, data, settings, ema=ema, val_data=data)
+    # every (t1 < t2) pair of the training runs, init -> final included, is reproduced closely
+    assert metrics["val_loss"] < 0.2 * float(start)
+    assert metrics["val_loss_init_to_final"] < 0.3 * float(start)
