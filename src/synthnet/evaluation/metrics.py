@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from synthnet.targets import LayerSpec, _expand
+from synthnet.targets import LayerSpec, expand_permutation
 
 Stacked = Mapping[str, torch.Tensor]
 
@@ -87,7 +87,7 @@ def _rows(stacked: Stacked, spec: LayerSpec) -> torch.Tensor:
 
 def _permute_inputs(weight: torch.Tensor, perms: torch.Tensor, repeat: int) -> torch.Tensor:
     """weight (R, out, in, *k) with input units reordered per network by perms (R, in_units)."""
-    columns = torch.stack([_expand(p, repeat) for p in perms])  # (R, in)
+    columns = torch.stack([expand_permutation(p, repeat) for p in perms])  # (R, in)
     index = columns.reshape(columns.shape[0], 1, -1, *([1] * (weight.dim() - 3)))
     return torch.take_along_dim(weight, index.expand(-1, weight.shape[1], -1, *weight.shape[3:]), dim=2)
 

@@ -180,7 +180,8 @@ def hidden_sizes(specs: Sequence[LayerSpec], state_dict: Mapping[str, torch.Tens
     return [int(state_dict[s.weight].shape[0]) for s in specs[:-1]]
 
 
-def _expand(perm: torch.Tensor, repeat: int) -> torch.Tensor:
+def expand_permutation(perm: torch.Tensor, repeat: int) -> torch.Tensor:
+    """A permutation of C units as the matching permutation of C * repeat flattened columns."""
     if repeat == 1:
         return perm
     return (perm[:, None] * repeat + torch.arange(repeat, device=perm.device)).reshape(-1)
@@ -198,7 +199,7 @@ def permute_hidden(state_dict: Mapping[str, torch.Tensor], specs: Sequence[Layer
         out[layer.weight] = out[layer.weight][perm]
         if layer.bias is not None:
             out[layer.bias] = out[layer.bias][perm]
-        out[nxt.weight] = out[nxt.weight][:, _expand(perm, nxt.in_repeat)]
+        out[nxt.weight] = out[nxt.weight][:, expand_permutation(perm, nxt.in_repeat)]
     return out
 
 
