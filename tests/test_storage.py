@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -26,6 +28,9 @@ def test_round_trip_with_metadata_and_plain_loading(tmp_path, model):
     fresh.load_state_dict(load_file(str(path)), strict=True)
     assert all(torch.equal(fresh.state_dict()[k], model.state_dict()[k]) for k in tensors)
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as readable as a plain open() makes it
 
 
 def test_missing_extra_and_wrong_shape_name_the_tensor(tmp_path, model):

@@ -38,6 +38,14 @@ def _decode(raw: Mapping[str, str] | None) -> dict[str, Any]:
     return out
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temp file the permissions a plain ``open`` would (mkstemp makes it 0600), then rename."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file and a rename."""
     path = Path(path)
@@ -46,7 +54,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -62,7 +70,7 @@ def save_state_dict(path: str | Path, state_dict: Mapping[str, torch.Tensor], me
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=_encode(metadata))
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

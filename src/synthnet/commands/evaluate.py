@@ -165,7 +165,8 @@ def evaluate_command(cfg: DictConfig) -> None:
                                 average_size=int(cfg.evaluate.average_size),
                                 noise_scales=[float(s) for s in cfg.evaluate.noise_scales], seed=int(cfg.seed))
     options = Options(insensitive_below=float(cfg.evaluate.insensitive_below),
-                      prune_fractions=tuple(float(p) for p in cfg.evaluate.prune_fractions))
+                      prune_fractions=tuple(float(p) for p in cfg.evaluate.prune_fractions),
+                      zoo_rows=positive_int(cfg, "evaluate.zoo_rows"))
 
     def tick(stage: str) -> None:
         bar.set_postfix_str(stage)

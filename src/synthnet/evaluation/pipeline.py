@@ -55,6 +55,7 @@ class Options:
     insensitive_below: float = 0.1  # input-sensitivity ratio under which a generator is flagged
     prune_fractions: tuple[float, ...] = (0.5, 0.8)
     keep_matrices: bool = True  # IoU matrices in the result (for plots)
+    zoo_rows: int = 64  # zoo finals scored against the rest of the zoo for the zoo-vs-zoo row
 
 
 class _Scorer:
@@ -80,8 +81,10 @@ class _Scorer:
     def errors(self, stacked) -> torch.Tensor:
         return metrics.error_sets(self.predictions(stacked), self.y_test.cpu())
 
-    def score(self, stacked, *, is_zoo: bool = False) -> dict[str, Any]:
-        """Accuracy, behavioural and weight-space novelty, diversity, spread of one stack."""
+    def score(self, stacked, *, zoo_members: int | None = None) -> dict[str, Any]:
+        """Accuracy, behavioural and weight-space novelty, diversity, spread of one stack.
+
+        ``zoo_members=K``: the stack is the first K zoo finals, each scored against the *other* runs."""
         stacked = {k: v.detach().cpu() for k, v in stacked.items()}
         test, val = self.accuracy(stacked), self.accuracy(stacked, "val")
         predicted = self.predictions(stacked)  # (R, N)
@@ -89,9 +92,10 @@ class _Scorer:
         iou_zoo = metrics.error_set_iou(errors, self.zoo_errors)  # (R, Z)
         distance = metrics.distance_matrix(stacked, self.zoo.pool, self.specs)  # (R, P)
         unaligned = metrics.distance_matrix(stacked, self.zoo.pool, self.specs, aligned=False)
-        if is_zoo:  # a zoo final against the *other* runs (leave its own run out)
-            iou_zoo = iou_zoo.masked_fill(torch.eye(len(iou_zoo), dtype=torch.bool), float("-inf"))
-            same_run = torch.tensor(self.zoo.seeds)[:, None] == torch.tensor(self.zoo.pool_runs())[None, :]
+        if zoo_members is not None:  # a zoo final against the *other* runs (leave its own run out)
+            iou_zoo = iou_zoo.masked_fill(torch.eye(zoo_members, len(self.zoo.seeds), dtype=torch.bool), float("-inf"))
+            same_run = (torch.tensor(self.zoo.seeds[:zoo_members])[:, None]
+                        == torch.tensor(self.zoo.pool_runs())[None, :])
             distance, unaligned = distance.masked_fill(same_run, math.inf), unaligned.masked_fill(same_run, math.inf)
         iou_self = metrics.error_set_iou(errors, errors)
         out = {
@@ -148,7 +152,8 @@ def evaluate(*, model: nn.Module, specs: Sequence[LayerSpec], task: Task, zoo: Z
     scorer = _Scorer(model, specs, task, zoo)
     twin_final = twins.final
     tick("zoo")
-    zoo_row = scorer.score(zoo.finals, is_zoo=True)
+    zoo_rows = min(len(zoo.seeds), options.zoo_rows)  # zoo-vs-zoo costs zoo_rows x pool Hungarian matchings
+    zoo_row = scorer.score(metrics.select(zoo.finals, list(range(zoo_rows))), zoo_members=zoo_rows)
     tick("twins")
     twin_row = scorer.score(twin_final)
     baseline_rows = {}
@@ -157,7 +162,7 @@ def evaluate(*, model: nn.Module, specs: Sequence[LayerSpec], task: Task, zoo: Z
         baseline_rows[baseline.name] = {**scorer.score(baseline.networks), "description": baseline.description,
                                         "sources": baseline.sources}
     init = twins.states[0]
-    matrices = {"zoo_vs_zoo": metrics.error_set_iou(scorer.zoo_errors, scorer.zoo_errors),
+    matrices = {"zoo_vs_zoo": metrics.error_set_iou(scorer.zoo_errors[:zoo_rows], scorer.zoo_errors[:zoo_rows]),
                 "twin_vs_twin": twin_row["_matrices"]["self"]}
     twin_pruned = {f"{p:g}": metrics.summary(scorer.accuracy(magnitude_prune(
         twin_final, p, batch_dims=1, names=[s.weight for s in specs]))) for p in options.prune_fractions}

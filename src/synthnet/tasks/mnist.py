@@ -69,6 +69,7 @@ def download(directory: Path, mirror: str) -> None:
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
                 out.write(response.read())
+            os.chmod(tmp, 0o644)
             os.replace(tmp, directory / (stem + ".gz"))
         except OSError as exc:
             raise SynthNetError(f"could not download {url}: {exc}") from None
