@@ -96,7 +96,8 @@ def usage() -> str:
     lines += ["", "config groups (choose with group=option):"]
     lines += [f"  {group}: {', '.join(options)}" for group, options in sorted(config_groups().items())]
     lines += ["", "Any config key can be overridden, e.g. zoo.runs=16 paths.root=/tmp/synthnet.",
-              "`synthnet config [overrides]` prints the full config with its comments' defaults.",
+              "`synthnet config [overrides]` prints the composed config; every key is commented in",
+              "the packaged YAML files (src/synthnet/configs/).",
               "Multi-process: torchrun --nproc_per_node=2 -m synthnet zoo ..."]
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from synthnet.errors import SynthNetError
 log = logging.getLogger("synthnet")
 
 
-@command("pipeline", "the main job: run the stages in pipeline.stages in order (default: the whole pipeline)")
+@command("pipeline", "the main job: run the commands in pipeline.stages in order (default: zoo, train, generate, evaluate)")
 def pipeline_command(cfg: DictConfig) -> None:
     stages = list(cfg.pipeline.stages)
     unknown = [s for s in stages if s not in COMMANDS or s == "pipeline"]
