@@ -61,3 +61,20 @@ def test_zoo_smoke_run_as_a_subprocess(tmp_path):
     again = subprocess.run([sys.executable, "-m", "synthnet", "zoo", "experiment=smoke", f"paths.root={tmp_path}",
                             "progress=false"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "skipped 2 completed runs" in again.stderr
+
+
+def test_pipeline_smoke_runs_every_stage(tmp_path, capsys):
+    assert main(["pipeline", "experiment=smoke", f"paths.root={tmp_path}", "progress=false"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("zoo", "train", "generate", "evaluate"):
+        assert f"== synthnet {stage} ==" in out
+    target_dir = tmp_path / "digits-mlp"
+    assert (target_dir / "generators" / "perceiver_moe-imitation.safetensors").is_file()
+    assert len(list((target_dir / "generated").rglob("*.safetensors"))) > 0
+    assert (target_dir / "reports" / "report.json").is_file() and (target_dir / "reports" / "report.md").is_file()
+
+
+def test_pipeline_rejects_unknown_stage(tmp_path, capsys):
+    code, err = _run(capsys, "pipeline", "pipeline.stages=[zoo,fly]", f"paths.root={tmp_path}")
+    assert code == 2 and "unknown pipeline stage 'fly'" in err
+    assert not any(tmp_path.iterdir())
