@@ -62,9 +62,10 @@ def _f(value, digits: int = 3) -> str:
 
 def table(root: Path, command: str, settings: list[str]) -> str:
     """Markdown for the README from ``<root>/<setting>/reports/report.json``."""
-    lines = ["| setting | networks | test accuracy | accuracy ratio | novelty ratio (max IoU) | at matched accuracy "
-             "| weight novelty ratio | diversity ratio | input sensitivity | time-to-accuracy ratio | dominated by |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    from synthnet.evaluation.report import HEADLINE_COLUMNS, headline_cells
+
+    lines = ["| setting | networks | test accuracy | " + " | ".join(HEADLINE_COLUMNS) + " |",
+             "|---" * (len(HEADLINE_COLUMNS) + 3) + "|"]
     machines = set()
     for label, folder, _ in [s for s in SETTINGS if s[1] in settings]:
         path = root / folder / "reports" / "report.json"
@@ -74,16 +75,11 @@ def table(root: Path, command: str, settings: list[str]) -> str:
         machines.add(report["header"].get("machine", "unknown"))
         twins = report["twins"]
         for name, gen in report["generators"].items():
-            h = gen["headline"]
-            flag = " (insensitive)" if gen["input_sensitivity"]["input_insensitive"] else ""
-            lines.append(f"| {label} | {name} | {_f(gen['test_accuracy']['mean'])} ± {_f(gen['test_accuracy']['std'])} "
-                         f"| {_f(h['accuracy_ratio'])} | {_f(h['novelty_ratio'])} "
-                         f"| {_f(h.get('novelty_ratio_matched_accuracy'))} | {_f(h['weight_novelty_ratio'])} "
-                         f"| {_f(h['diversity_ratio'])} | {_f(h['input_sensitivity_ratio'])}{flag} "
-                         f"| {_f(h['time_to_accuracy_ratio'], 1)} | {', '.join(gen['placement']['dominated_by']) or 'none'} |")
+            accuracy = f"{_f(gen['test_accuracy']['mean'])} ± {_f(gen['test_accuracy']['std'])}"
+            lines.append(f"| {label} | {name} | {accuracy} | " + " | ".join(headline_cells(gen)) + " |")
         lines.append(f"| {label} | SGD twins (same inits) | {_f(twins['test_accuracy']['mean'])} ± "
                      f"{_f(twins['test_accuracy']['std'])} | 1 | 1 (max IoU {_f(twins['max_iou_vs_zoo']['mean'])}) "
-                     f"| 1 | 1 | 1 | 1 | 1 | |")
+                     f"| 1 | 1 | 1 | 1 | 1 | 1 | |")
         for name in ("aligned average", "noise x0.1"):
             if name in report["baselines"]:
                 row = report["baselines"][name]
@@ -91,7 +87,7 @@ def table(root: Path, command: str, settings: list[str]) -> str:
                              f"{_f(row['test_accuracy']['std'])} | {_f(row['test_accuracy']['mean'] / twins['test_accuracy']['mean'])} "
                              f"| {_f(row['max_iou_vs_zoo']['mean'] / twins['max_iou_vs_zoo']['mean'])} | "
                              f"| {_f(row['nearest_zoo_distance_aligned']['mean'] / twins['nearest_zoo_distance_aligned']['mean'])} "
-                             f"| {_f(row['diversity_disagreement'] / twins['diversity_disagreement'])} | | | |")
+                             f"| | {_f(row['diversity_disagreement'] / twins['diversity_disagreement'])} | | | |")
     lines += ["", "Ratios are generated / SGD twin (twins: the target trained with the zoo's recipe from the same "
               "inits). Novelty ratio (max error-set IoU with any zoo final) below 1: fewer test errors shared with the "
               "zoo than an independent SGD run; 'at matched accuracy' compares with each twin where SGD first reached "

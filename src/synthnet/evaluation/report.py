@@ -27,6 +27,21 @@ def to_json(result: Mapping[str, Any]) -> str:
     return json.dumps(_finite(result), indent=1, sort_keys=False, allow_nan=False)
 
 
+HEADLINE_COLUMNS = ["accuracy ratio", "novelty ratio (max IoU)", "at matched accuracy", "weight novelty ratio",
+                    "at matched accuracy", "diversity ratio", "input sensitivity ratio", "time-to-accuracy ratio",
+                    "dominated by baselines"]
+
+
+def headline_cells(gen: Mapping[str, Any]) -> list[str]:
+    """One generator's headline numbers as table cells, in the order of :data:`HEADLINE_COLUMNS`."""
+    h = gen["headline"]
+    flag = " **(insensitive)**" if gen["input_sensitivity"]["input_insensitive"] else ""
+    return [_f(h["accuracy_ratio"]), _f(h["novelty_ratio"]), _f(h.get("novelty_ratio_matched_accuracy")),
+            _f(h["weight_novelty_ratio"]), _f(h.get("weight_novelty_ratio_matched_accuracy")),
+            _f(h["diversity_ratio"]), _f(h["input_sensitivity_ratio"]) + flag, _f(h["time_to_accuracy_ratio"], 1),
+            ", ".join(gen["placement"]["dominated_by"]) or "none"]
+
+
 def _f(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -58,18 +73,9 @@ def markdown(result: Mapping[str, Any], header: Mapping[str, Any]) -> str:
 
     if result["generators"]:
         lines += ["## Headline (generated / SGD twin; same inits)", "",
-                  "| generator | accuracy ratio | novelty ratio (max IoU) | at matched accuracy "
-                  "| weight novelty ratio | at matched accuracy | diversity ratio "
-                  "| input sensitivity ratio | time-to-accuracy ratio | dominated by baselines |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| generator | " + " | ".join(HEADLINE_COLUMNS) + " |", "|---" * (len(HEADLINE_COLUMNS) + 1) + "|"]
         for name, gen in result["generators"].items():
-            h = gen["headline"]
-            flag = " **(input-insensitive)**" if gen["input_sensitivity"]["input_insensitive"] else ""
-            lines.append(f"| {name} | {_f(h['accuracy_ratio'])} | {_f(h['novelty_ratio'])} | "
-                         f"{_f(h['novelty_ratio_matched_accuracy'])} | {_f(h['weight_novelty_ratio'])} | "
-                         f"{_f(h['weight_novelty_ratio_matched_accuracy'])} | {_f(h['diversity_ratio'])} | "
-                         f"{_f(h['input_sensitivity_ratio'])}{flag} | {_f(h['time_to_accuracy_ratio'], 1)} | "
-                         f"{', '.join(gen['placement']['dominated_by']) or 'none'} |")
+            lines.append(f"| {name} | " + " | ".join(headline_cells(gen)) + " |")
         lines += ["", "Novelty ratio (max IoU) below 1: the generated networks share fewer test errors with the "
                   "zoo than the final SGD twins do; weakly accurate networks share few errors with anything, so "
                   "'at matched accuracy' compares with each twin at the checkpoint where SGD first reached the "
