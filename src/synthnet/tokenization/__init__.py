@@ -14,9 +14,10 @@ masked). Each chunk is one token. Why this design:
   of layer ``l`` (whole rows move) and permutes the *values inside* the tokens of layer
   ``l + 1`` (their columns move). The neuron index is kept in the layout for the exact
   inverse but is deliberately *not* a token feature, so a generator that treats tokens as
-  a set (the Perceiver IO) is exactly equivariant to the first half; the second half is
-  handled by permutation augmentation in training and by neuron alignment in evaluation.
-  ``tests/test_generators.py`` pins down both behaviours.
+  a set (the Perceiver IO with ``neuron_messages`` off) is exactly equivariant to the first
+  half; the second half is handled by the Perceiver's neuron messages (which follow the
+  real connections), permutation augmentation in training and neuron alignment in
+  evaluation. ``tests/test_generators.py`` pins down both behaviours.
 * **Large fan-in.** The PoC CNN's 3136-wide dense layer becomes 128 rows of 50 chunks
   rather than 128 tokens of width 3137; attention cost stays linear in tokens for the
   Perceiver's cross-attention.
