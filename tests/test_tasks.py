@@ -103,3 +103,11 @@ def test_idx_truncated_and_bad_magic(tmp_path):
 def test_unknown_task_lists_available():
     with pytest.raises(SynthNetError, match="available: digits, mnist, mnist1d"):
         build_task({"name": "cifar"}, "unused")
+
+
+def test_failed_download_is_one_clear_error_and_leaves_no_partial_file(tmp_path):
+    from synthnet.tasks.mnist import download
+
+    with pytest.raises(SynthNetError, match="could not download http://127.0.0.1:9/train-images-idx3-ubyte.gz"):
+        download(tmp_path / "mnist", "http://127.0.0.1:9")
+    assert list((tmp_path / "mnist").iterdir()) == []

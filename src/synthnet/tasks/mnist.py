@@ -7,9 +7,7 @@ the public mirror named in the task config and written atomically.
 from __future__ import annotations
 
 import gzip
-import os
 import struct
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Mapping
@@ -17,6 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from synthnet.errors import SynthNetError
+from synthnet.storage import atomic_path
 from synthnet.tasks import Task, carve_validation, make_task
 
 FILES = {
@@ -65,17 +64,12 @@ def download(directory: Path, mirror: str) -> None:
         if _find(directory, stem) is not None:
             continue
         url = mirror.rstrip("/") + "/" + stem + ".gz"
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            with atomic_path(directory / (stem + ".gz")) as tmp, open(tmp, "wb") as out, \
+                    urllib.request.urlopen(url, timeout=60) as response:
                 out.write(response.read())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, directory / (stem + ".gz"))
         except OSError as exc:
             raise SynthNetError(f"could not download {url}: {exc}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 def load_mnist_task(cfg: Mapping, data_dir: Path) -> Task:
