@@ -1,4 +1,4 @@
-"""``synthnet train``: train a generator on the zoo (method=imitation here; method=grpo hands over)."""
+"""``synthnet train``: train a generator on the zoo (method=imitation here; method=task and method=grpo hand over)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def imitation_settings(method: dict, seed: int):
     return ImitationSettings(**{k: v for k, v in method.items() if k in known}, seed=seed)
 
 
-@command("train", "train a generator on the zoo (generator=, method=imitation|grpo) into "
-                  "generators/{generator}-{method}.safetensors; resumes")
+@command("train", "train a generator (generator=, method=task|imitation|grpo; task = imitation, then the "
+                  "generated networks' task loss) into generators/{generator}-{method}.safetensors; resumes")
 def train_command(cfg: DictConfig) -> None:
     if cfg.method.name == "grpo":
         try:
@@ -51,8 +51,12 @@ def train_command(cfg: DictConfig) -> None:
             raise SynthNetError(f"method=grpo is not available in this installation ({exc})") from None
         train_grpo(cfg)
         return
+    if cfg.method.name == "task":
+        from synthnet.commands.train_task import train_task_command
+        train_task_command(cfg)
+        return
     if cfg.method.name != "imitation":
-        raise SynthNetError(f"`synthnet train` knows method=imitation and method=grpo, not '{cfg.method.name}'")
+        raise SynthNetError(f"`synthnet train` knows method=imitation, task and grpo, not '{cfg.method.name}'")
     train_imitation_command(cfg)
 
 

@@ -42,7 +42,7 @@ def grpo_stem(generator_name: str, reward_name: str) -> str:
 
 def imitation_path(cfg: DictConfig) -> Path:
     """``method.source`` or ``<generators_dir>/<generator>-imitation.safetensors``."""
-    source = cfg.method.get("source") if cfg.method.name == "grpo" else None
+    source = cfg.method.get("source") if cfg.method.name in ("grpo", "task") else None
     return Path(source) if source else Path(cfg.paths.generators_dir) / f"{cfg.generator.name}-imitation.safetensors"
 
 
@@ -129,7 +129,9 @@ def plot_reward_curve(records: Sequence[Mapping[str, Any]], path: str | Path, ti
 # --------------------------------------------------------------------------- imitation first
 
 
-def _ensure_imitation(cfg: DictConfig) -> Path:
+def ensure_imitation(cfg: DictConfig) -> Path:
+    """The generator file a later stage starts from (``imitation_path``), training imitation first with
+    ``method.imitation`` when it is the default file and it is missing."""
     path = imitation_path(cfg)
     if path.exists():
         return path
@@ -168,6 +170,7 @@ def _settings(cfg: DictConfig, steps: int):
 
 def train_grpo(cfg: DictConfig) -> Path:
     """Run the GRPO stage described by ``cfg`` (imitation first if needed); returns the generator file."""
+    from synthnet.commands.generate import check_generator_matches
     from synthnet.generators import load_generator, save_generator
     from synthnet.methods import grpo
     from synthnet.methods.rewards import Reward
@@ -183,11 +186,9 @@ def train_grpo(cfg: DictConfig) -> Path:
     settings = _settings(cfg, steps)
     reward_options = {k: v for k, v in container(cfg.reward).items() if k != "name"}
 
-    source = _ensure_imitation(cfg)
+    source = ensure_imitation(cfg)
     imitation = load_generator(source, device)
-    if imitation.target_config != target_config or imitation.task_config.get("name") != task_config["name"]:
-        raise SynthNetError(f"{source} was trained for {imitation.target_config.get('name')} on "
-                            f"{imitation.task_config.get('name')}, not this target and task; choose another paths.root")
+    check_generator_matches(source, imitation, target_config, task_config)
     task = build_task(task_config, cfg.paths.data_dir)
     model, cpu_layout = target_layout(target_config, task.input_shape, task.num_classes, imitation.chunk_size)
     model, layout = model.to(device), cpu_layout.to(device)

@@ -1,0 +1,209 @@
+"""``synthnet train method=task``: train the generator through the networks it generates.
+
+The curriculum's second stage. Starts from ``method.source`` (default
+``<generators_dir>/<generator>-imitation.safetensors``, trained first with ``method.imitation``
+when missing), keeps a frozen copy of it as the anchor, and runs
+:func:`synthnet.methods.task.train_task` on fresh inits (seeds ``method.first_seed`` on) with
+the task's **training** split; selection and early stopping use networks generated from
+``method.val_inits`` held-out inits, scored on the **validation** split.
+``method.from_scratch=true`` starts from a fresh generator with no anchor: the ablation that
+collapses into one network for every init (the evaluation flags it).
+
+Writes ``train.output`` or ``<generator>-task.safetensors`` (``-task-scratch`` for the
+ablation) once, at the end, with ``finished: true`` and the selected step in its header;
+while training, the resumable state lives in ``<generators_dir>/resume/<name>`` (imitation's
+convention) and is removed at the end. Per-step records go to ``<stem>.metrics.jsonl``
+and TensorBoard (``<target_dir>/tensorboard/<stem>``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from synthnet.cli import container, positive_int
+from synthnet.errors import SynthNetError
+
+log = logging.getLogger("synthnet")
+
+_NOT_SETTINGS = {"name", "imitation", "imitation_first", "source", "from_scratch", "first_seed", "val_inits",
+                 "val_first_seed"}
+
+
+def task_settings(method: dict, seed: int, generation_steps: int):
+    import dataclasses
+
+    from synthnet.methods.task import TaskSettings
+
+    known = {f.name for f in dataclasses.fields(TaskSettings)}
+    unknown = sorted(set(method) - known - _NOT_SETTINGS)
+    if unknown:
+        raise SynthNetError(f"unknown option method.{unknown[0]}; available: "
+                            f"{', '.join(sorted((known | _NOT_SETTINGS) - {'seed', 'name'}))}")
+    values = {k: v for k, v in method.items() if k in known}
+    if values.get("generation_steps") is None:
+        values["generation_steps"] = generation_steps
+    if values.get("step_weights") is not None:
+        values["step_weights"] = tuple(float(w) for w in values["step_weights"])
+    if method.get("from_scratch"):
+        values["anchor_weight"] = 0.0  # nothing to anchor to
+    return TaskSettings(**values, seed=seed)
+
+
+def task_path(cfg: DictConfig) -> Path:
+    """``train.output`` or ``<generators_dir>/<generator>-task[-scratch].safetensors``."""
+    if cfg.train.output:
+        return Path(cfg.train.output)
+    suffix = "-scratch" if cfg.method.get("from_scratch") else ""
+    return Path(cfg.paths.generators_dir) / f"{cfg.generator.name}-task{suffix}.safetensors"
+
+
+def train_task_command(cfg: DictConfig) -> Path:
+    from synthnet.commands.generate import check_generator_matches
+    from synthnet.commands.train import _tensorboard, resume_path
+    from synthnet.commands.train_grpo import ensure_imitation, read_records
+    from synthnet.generation import init_tokens, target_layout
+    from synthnet.generators import build_generator, load_generator, save_generator
+    from synthnet.methods.imitation import EMA, load_optimizer_tensors, optimizer_tensors
+    from synthnet.methods.task import TaskState, step_seeds, train_task, validation_metrics
+    from synthnet.storage import atomic_write_bytes, load_state_dict, read_metadata, save_state_dict
+    from synthnet.tasks import build_task
+
+    method = container(cfg.method)
+    settings = task_settings(method, int(cfg.seed), positive_int(cfg, "generate.steps"))
+    device = torch.device(cfg.device)
+    target_config, task_config = container(cfg.target), container(cfg.task)
+    first_seed, val_first_seed = int(method["first_seed"]), int(method["val_first_seed"])
+    val_count = positive_int(cfg, "method.val_inits")
+    last_train_seed = first_seed + settings.steps * settings.inits_per_step
+    if first_seed <= val_first_seed < last_train_seed or val_first_seed <= first_seed < val_first_seed + val_count:
+        raise SynthNetError(f"method.first_seed {first_seed} + steps x inits_per_step overlaps the validation inits "
+                            f"(method.val_first_seed {val_first_seed}); move one of them")
+    torch.manual_seed(int(cfg.seed))
+
+    from_scratch = bool(method.get("from_scratch"))
+    if from_scratch:
+        source, reference, generator_config, chunk_size, source_fingerprint = None, None, container(cfg.generator), \
+            int(cfg.generator.get("chunk_size", 64)), None
+    else:
+        source = ensure_imitation(cfg)
+        loaded = load_generator(source, device)
+        check_generator_matches(source, loaded, target_config, task_config)
+        generator_config, chunk_size = loaded.config, loaded.chunk_size
+        if generator_config != container(cfg.generator):
+            raise SynthNetError(f"{source} was trained with other generator settings than generator="
+                                f"{cfg.generator.name} with these options; pass the same generator.* overrides")
+        reference = loaded.model
+        source_fingerprint = loaded.metadata.get("fingerprint")
+    task = build_task(task_config, cfg.paths.data_dir)
+    target, cpu_layout = target_layout(target_config, task.input_shape, task.num_classes, chunk_size)
+    target, layout = target.to(device), cpu_layout.to(device)
+
+    path = task_path(cfg)
+    state_path = resume_path(path)
+    stem = path.name.removesuffix(".safetensors")
+    fingerprint = hashlib.sha256(json.dumps(
+        [generator_config, method, target_config, task_config, source_fingerprint, int(cfg.seed),
+         settings.generation_steps], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if cfg.train.resume and path.exists() and not state_path.exists():
+        meta = read_metadata(path)
+        if meta.get("fingerprint") == fingerprint and meta.get("finished"):
+            print(f"train: {path} is already trained with these settings (train.resume=false retrains)")
+            return path
+
+    model = build_generator(generator_config, cpu_layout).to(device)
+    if reference is not None:
+        model.load_state_dict(reference.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    state = TaskState(step=0, model=model, ema=EMA(model, settings.ema_decay), optimizer=optimizer, best=None)
+    if cfg.train.resume and state_path.exists():
+        tensors, meta = load_state_dict(state_path)
+        if meta.get("fingerprint") != fingerprint:
+            raise SynthNetError(f"{state_path} holds an interrupted training with other settings; remove it "
+                                f"or pass train.resume=false to start over")
+        part = lambda prefix: {k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
+        model.load_state_dict(part("model."))
+        state.ema.model.load_state_dict(part("ema."))
+        load_optimizer_tensors(optimizer, part("optimizer."))
+        state.best = part("best.") or None
+        state.step, state.best_step = int(meta["step"]), int(meta["best_step"])
+        state.best_score = float(meta["best_score"])
+        state.evaluations_since_best = int(meta["evaluations_since_best"])
+        log.info("resuming %s from step %d (best %.4f at step %d)", path, state.step, state.best_score,
+                 state.best_step)
+    else:
+        log.info("task loss: %s from %s, %d steps x %d inits x %d examples, %d generation steps, anchor %.3g -> %s",
+                 generator_config["name"], source or "scratch", settings.steps, settings.inits_per_step,
+                 settings.batch_size, settings.generation_steps, settings.anchor_weight, path)
+
+    def make_inits(step: int) -> torch.Tensor:  # (B, tokens, chunk); seeds never reused
+        seeds = step_seeds(first_seed, step, settings.inits_per_step)
+        return init_tokens(target_config, task.input_shape, task.num_classes, seeds, cpu_layout).to(device)
+
+    val_inits = init_tokens(target_config, task.input_shape, task.num_classes,
+                            range(val_first_seed, val_first_seed + val_count), cpu_layout).to(device)
+    x_val, y_val = task.x_val.to(device), task.y_val.to(device)
+
+    def validate(ema_model) -> dict[str, float]:
+        return validation_metrics(ema_model, val_inits, layout, settings.generation_steps, target, x_val, y_val)
+
+    jsonl = path.with_name(f"{stem}.metrics.jsonl")
+    kept = [r for r in read_records(jsonl) if r.get("step", 0) <= state.step] if state.step else []
+    atomic_write_bytes(jsonl, "".join(json.dumps(r) + "\n" for r in kept).encode())
+    writer = _tensorboard(Path(cfg.paths.target_dir) / "tensorboard" / stem)
+    if writer is not None and state.step:
+        writer.purge_step = state.step + 1
+
+    def on_metrics(step: int, metrics: dict) -> None:
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    writer.add_scalar(f"task/{key}", value, step)
+
+    header = {"method": "task", "method_config": method, "fingerprint": fingerprint, "steps": settings.steps,
+              "generation_steps": settings.generation_steps, "input_shape": list(task.input_shape),
+              "num_classes": task.num_classes, "num_tokens": cpu_layout.num_tokens, "from_scratch": from_scratch,
+              "source": str(source) if source else None, "source_fingerprint": source_fingerprint,
+              "task_first_seed": first_seed, "val_first_seed": val_first_seed, "val_inits": val_count}
+
+    def on_save(current: TaskState) -> None:
+        finished = current.step >= settings.steps or current.stopped_early
+        if not finished:
+            tensors = {**{f"model.{k}": v for k, v in current.model.state_dict().items()},
+                       **{f"ema.{k}": v for k, v in current.ema.model.state_dict().items()},
+                       **{f"best.{k}": v for k, v in (current.best or {}).items()},
+                       **{f"optimizer.{k}": v for k, v in optimizer_tensors(current.optimizer).items()}}
+            save_state_dict(state_path, tensors, {"fingerprint": fingerprint, "step": current.step,
+                                                  "best_step": current.best_step, "best_score": current.best_score,
+                                                  "evaluations_since_best": current.evaluations_since_best})
+            return
+        selected = copy.deepcopy(current.ema.model)
+        selected.load_state_dict(current.best_model_state)
+        scalars = {k: v for k, v in current.metrics.items() if isinstance(v, (int, float))}
+        save_generator(path, selected, config=generator_config, target_config=target_config,
+                       task_config=task_config, chunk_size=chunk_size,
+                       extra={**header, "finished": True, "step": current.step, "best_step": current.best_step,
+                              "best_val_accuracy": current.best_score, "stopped_early": current.stopped_early,
+                              "metrics": scalars})
+        if state_path.exists():
+            state_path.unlink()
+
+    try:
+        state = train_task(state, reference, settings, layout=cpu_layout, target=target, x_train=task.x_train,
+                           y_train=task.y_train, make_inits=make_inits, validate=validate, on_metrics=on_metrics,
+                           on_save=on_save, progress=bool(cfg.progress))
+    finally:
+        if writer is not None:
+            writer.close()
+    print(f"train: {generator_config['name']} (task{' from scratch' if from_scratch else ''}) -> {path}: "
+          f"best val accuracy {state.best_score:.4f} at step {state.best_step} of {state.step}"
+          f"{' (early stop)' if state.stopped_early else ''}")
+    return path
