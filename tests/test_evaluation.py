@@ -182,14 +182,21 @@ def test_report_flags_a_constant_generator(digits_task, tiny_zoo, mlp, tmp_path)
     def identity(tokens, t_source, t_target, layout):
         return tokens
 
+    def mostly_constant(tokens, t_source, t_target, layout):  # one network, nudged a little by its input
+        return memorised + 0.6 * tokens
+
     stacked_inits = stack_state_dicts(inits)
     generated = [Generated("constant", run_generator(constant, layout, stacked_inits), 0.01),
-                 Generated("identity", run_generator(identity, layout, stacked_inits), 0.01)]
+                 Generated("identity", run_generator(identity, layout, stacked_inits), 0.01),
+                 Generated("mostly_constant", run_generator(mostly_constant, layout, stacked_inits), 0.01)]
     baselines = build_baselines(zoo.finals, zoo.seeds, zoo.val_accuracy, specs, count_per_baseline=4)
     result = evaluate(model=mlp, specs=specs, task=digits_task, zoo=zoo, twins=twins, generated=generated,
                       baselines=baselines, options=Options(prune_fractions=(0.5,)))
     const, ident = result["generators"]["constant"], result["generators"]["identity"]
     assert const["input_sensitivity"]["input_insensitive"] and not ident["input_sensitivity"]["input_insensitive"]
+    assert const["input_sensitivity"]["collapsed"] and not ident["input_sensitivity"]["collapsed"]
+    nudged = result["generators"]["mostly_constant"]
+    assert nudged["input_sensitivity"]["collapsed"] and not nudged["input_sensitivity"]["input_insensitive"]
     assert const["max_iou_vs_zoo"]["min"] == 1.0  # a copy of a zoo final: its errors exactly
     assert const["nearest_zoo_distance_aligned"]["max"] == pytest.approx(0.0, abs=1e-6)
     assert const["diversity_disagreement"] == 0.0 and const["headline"]["diversity_ratio"] == 0.0

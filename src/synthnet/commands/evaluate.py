@@ -165,6 +165,7 @@ def evaluate_command(cfg: DictConfig) -> None:
                                 average_size=int(cfg.evaluate.average_size),
                                 noise_scales=[float(s) for s in cfg.evaluate.noise_scales], seed=int(cfg.seed))
     options = Options(insensitive_below=float(cfg.evaluate.insensitive_below),
+                      collapse_below=float(cfg.evaluate.collapse_below),
                       prune_fractions=tuple(float(p) for p in cfg.evaluate.prune_fractions),
                       zoo_rows=positive_int(cfg, "evaluate.zoo_rows"))
 
@@ -189,7 +190,8 @@ def evaluate_command(cfg: DictConfig) -> None:
         h = gen["headline"]
         print(f"| {name} | acc ratio {h['accuracy_ratio']:.3f} | novelty ratio {h['novelty_ratio']:.3f} | "
               f"diversity ratio {h['diversity_ratio']:.3f} | sensitivity {h['input_sensitivity_ratio']:.3f}"
-              f"{' (INPUT-INSENSITIVE)' if gen['input_sensitivity']['input_insensitive'] else ''} | "
+              f"{' (INPUT-INSENSITIVE)' if gen['input_sensitivity']['input_insensitive'] else ''}"
+              f"{' (COLLAPSED)' if gen['input_sensitivity'].get('collapsed') else ''} | "
               f"time ratio {h['time_to_accuracy_ratio']:.1f} | dominated by "
               f"{', '.join(gen['placement']['dominated_by']) or 'no baseline'} |")
     print(f"| SGD twins | test accuracy {result['twins']['test_accuracy']['mean']:.4f} | max IoU vs zoo "

@@ -53,6 +53,7 @@ class Generated:
 @dataclass(frozen=True)
 class Options:
     insensitive_below: float = 0.1  # input-sensitivity ratio under which a generator is flagged
+    collapse_below: float = 1.0  # flag as collapsed when input sensitivity AND diversity ratios are below this
     prune_fractions: tuple[float, ...] = (0.5, 0.8)
     keep_matrices: bool = True  # IoU matrices in the result (for plots)
     zoo_rows: int = 64  # zoo finals scored against the rest of the zoo for the zoo-vs-zoo row
@@ -213,6 +214,9 @@ def evaluate(*, model: nn.Module, specs: Sequence[LayerSpec], task: Task, zoo: Z
             "input_sensitivity_ratio": sensitivity["ratio"],
             "time_to_accuracy_ratio": timing["ratio"],
         }
+        # one network for (nearly) every init: less spread in weights and in predictions than SGD from the same inits
+        sensitivity["collapsed"] = bool(not headline["input_sensitivity_ratio"] >= options.collapse_below
+                                        and not headline["diversity_ratio"] >= options.collapse_below)
         matrices[f"{gen.name}_vs_{gen.name}"] = row["_matrices"]["self"]
         matrices[f"{gen.name}_vs_zoo"] = row["_matrices"]["vs_zoo"]
         result_generators[gen.name] = {
@@ -232,7 +236,7 @@ def evaluate(*, model: nn.Module, specs: Sequence[LayerSpec], task: Task, zoo: Z
                   "pruned_test_accuracy": twin_pruned},
         "baselines": {name: _public(row) for name, row in baseline_rows.items()},
         "generators": result_generators,
-        "options": {"insensitive_below": options.insensitive_below,
+        "options": {"insensitive_below": options.insensitive_below, "collapse_below": options.collapse_below,
                     "prune_fractions": list(options.prune_fractions)},
     }
     if options.keep_matrices:

@@ -35,7 +35,8 @@ HEADLINE_COLUMNS = ["accuracy ratio", "novelty ratio (max IoU)", "at matched acc
 def headline_cells(gen: Mapping[str, Any]) -> list[str]:
     """One generator's headline numbers as table cells, in the order of :data:`HEADLINE_COLUMNS`."""
     h = gen["headline"]
-    flag = " **(insensitive)**" if gen["input_sensitivity"]["input_insensitive"] else ""
+    flag = (" **(insensitive)**" if gen["input_sensitivity"]["input_insensitive"]
+            else " **(collapsed)**" if gen["input_sensitivity"].get("collapsed") else "")
     return [_f(h["accuracy_ratio"]), _f(h["novelty_ratio"]), _f(h.get("novelty_ratio_matched_accuracy")),
             _f(h["weight_novelty_ratio"]), _f(h.get("weight_novelty_ratio_matched_accuracy")),
             _f(h["diversity_ratio"]), _f(h["input_sensitivity_ratio"]) + flag, _f(h["time_to_accuracy_ratio"], 1),
@@ -115,7 +116,9 @@ def markdown(result: Mapping[str, Any], header: Mapping[str, Any]) -> str:
         place = gen["placement"]
         lines += ["", f"- input sensitivity: outputs of different inits are {_f(sens['spread'])} apart (aligned, "
                   f"relative), twins {_f(sens['reference_spread'])}; ratio {_f(sens['ratio'])}"
-                  + (" -- **flagged: the generator ignores its input**" if sens["input_insensitive"] else ""),
+                  + (" -- **flagged: the generator ignores its input**" if sens["input_insensitive"] else
+                     " -- **flagged: collapsed (outputs less spread and less diverse than SGD's from the same inits)**"
+                     if sens.get("collapsed") else ""),
                   f"- SGD twins at matched accuracy (test {_pm(matched['test_accuracy'])}): max IoU vs zoo "
                   f"{_pm(matched['max_iou_vs_zoo'])}, aligned distance to the nearest zoo checkpoint "
                   f"{_pm(matched['nearest_zoo_distance_aligned'])}",

@@ -287,7 +287,8 @@ def validation_metrics(model: nn.Module, init_tokens: torch.Tensor, layout: Toke
     ``init_cosine``: mean cosine of each output to its own init; ``output_spread``: mean
     pairwise (unaligned) distance of the outputs over that of the inits (0 = one network for
     every init, the collapse the anchor prevents)."""
-    model.eval()
+    if isinstance(model, nn.Module):
+        model.eval()
     final = sample(model, init_tokens, layout, steps).final
     logits = batched_forward(target, detokenize(final, layout), inputs)  # (R, n, classes)
     accuracy = (logits.argmax(-1) == labels).float().mean(-1)
