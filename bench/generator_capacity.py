@@ -35,10 +35,12 @@ VARIANTS = {  # name -> overrides (generator.* and method.* keys of `synthnet tr
     "wide": ["generator.d_model=128"],
     "latents": ["generator.num_latents=96"],
     "deep": ["generator.num_blocks=4"],
+    "decoder-3": ["+generator.decoder_depth=3"],
+    "decoder-messages": ["+generator.decoder_messages=true"],
     "no-messages": ["generator.neuron_messages=false"],
     "direct": ["generator.predict=direct"],
     "chunk-32": ["generator.chunk_size=32"],
-    "lr-1e-3": ["method.lr=1e-3"],
+    "lr-3e-4-anchor-1": ["method.lr=3e-4", "method.anchor_weight=1.0"],
     "no-anchor": ["method.anchor_weight=0"],
     "every-step": ["method.step_weights=[0.25,0.25,0.5,1]"],
 }
@@ -85,14 +87,17 @@ def main_bench(argv: list[str] | None = None) -> int:
     parser.add_argument("--task-steps", type=int, default=400)
     parser.add_argument("--count", type=int, default=16, help="held-out inits per variant")
     parser.add_argument("--zoo", type=Path, default=None, help="an existing checkpoints/ folder of this setting")
-    parser.add_argument("--output", type=Path, default=None, help="also write the table and raw rows (JSON) here")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="also write the table and raw rows (JSON) here; rows of other variants already in it "
+                             "(same budget) are kept")
     args = parser.parse_args(argv)
+    from synthnet.cli import compose
+
     base = [*SETTINGS[args.setting], "progress=false", "seed=0"]
     zoo_root = args.root / args.setting / "zoo"
     checkpoints = args.zoo
     if checkpoints is None:
         run(["zoo", *base, f"paths.root={zoo_root}"])
-        from synthnet.cli import compose
         checkpoints = Path(compose([*base, f"paths.root={zoo_root}"]).paths.checkpoints_dir)
     rows, done = [], {}
     for name in sorted(args.variants, key=lambda v: v != "base"):
@@ -102,24 +107,25 @@ def main_bench(argv: list[str] | None = None) -> int:
                      "method.patience=0", "method.eval_every=100", "method.imitation.eval_every=300"]
         # imitation and task are timed separately. Variants that change only method.* keys start from the
         # base variant's imitation generator (same generator, same zoo): one imitation run serves them all.
-        shared = not any(o.startswith("generator.") for o in VARIANTS[name]) and "base" in done
+        # An imitation generator already on disk (a re-run) is reused and its time shown as "not timed".
+        shared = not any(o.lstrip("+").startswith("generator.") for o in VARIANTS[name]) and "base" in done
         if shared:
             overrides.append(f"method.source={done['base']}")
             imitation_cpu = float("nan")
         else:
             imitation_overrides = [o.replace("method.imitation.", "method.") for o in overrides
                                    if not o.startswith("method.") or o.startswith("method.imitation.")]
+            reused = (Path(compose([*imitation_overrides, "method=imitation"]).paths.generators_dir)
+                      / "perceiver_moe-imitation.safetensors").exists()
             cpu = time.process_time()
             run(["train", *imitation_overrides, "method=imitation"])
-            imitation_cpu = time.process_time() - cpu
+            imitation_cpu = float("nan") if reused else time.process_time() - cpu  # not timed when reused
         cpu = time.process_time()
         run(["train", *overrides, "method=task"])
         task_cpu = time.process_time() - cpu
         if name == "base":
-            from synthnet.cli import compose
             done["base"] = Path(compose([*overrides, "method=task"]).paths.generators_dir) / \
                 "perceiver_moe-imitation.safetensors"
-        from synthnet.cli import compose
         cfg = compose([*overrides, "method=task"])
         generator_file = Path(cfg.paths.generators_dir) / f"{cfg.generator.name}-task.safetensors"
         row = {"variant": name, "overrides": " ".join(VARIANTS[name]) or "(defaults)",
@@ -127,20 +133,27 @@ def main_bench(argv: list[str] | None = None) -> int:
                "imitation_cpu_s": imitation_cpu, "task_cpu_s": task_cpu}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if args.output and args.output.exists():  # a run of a few variants adds its rows to an earlier run's
+        earlier = json.loads(args.output.read_text())
+        if earlier.get("budget") == [args.imitation_steps, args.task_steps]:
+            fresh = {r["variant"] for r in rows}
+            rows = [r for r in earlier["rows"] if r["variant"] not in fresh] + rows
     lines = [f"{args.setting}: imitation {args.imitation_steps} steps, then task loss {args.task_steps} steps; "
              f"{args.count} held-out inits, 4 generation steps", "",
              "| variant | overrides | generator params | generated train loss | val accuracy | val disagreement "
              "| output spread | imitation CPU s | task CPU s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        imitation = "(not timed)" if r["imitation_cpu_s"] != r["imitation_cpu_s"] else f"{r['imitation_cpu_s']:.0f}"
         lines.append(f"| {r['variant']} | {r['overrides']} | {r['parameters']:,} | {r['train_loss']:.3f} | "
                      f"{r['val_accuracy']:.3f} | {r['val_disagreement']:.3f} | {r['output_spread']:.3f} | "
-                     f"{'(base)' if r['imitation_cpu_s'] != r['imitation_cpu_s'] else f'{r[\"imitation_cpu_s\"]:.0f}'} | "
-                     f"{r['task_cpu_s']:.0f} |")
+                     f"{imitation} | {r['task_cpu_s']:.0f} |")
     text = "\n".join(lines)
     print("\n" + text)
     if args.output:
         from synthnet.storage import atomic_write_bytes
-        atomic_write_bytes(args.output, json.dumps({"table": text, "rows": rows}, indent=1).encode())
+        atomic_write_bytes(args.output, json.dumps({"table": text, "rows": rows,
+                                                    "budget": [args.imitation_steps, args.task_steps]},
+                                                   indent=1).encode())
     return 0
 
 

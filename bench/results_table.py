@@ -17,17 +17,19 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
-# (label, folder under the root, overrides). Zoo sizes are what a 2-core CPU affords: digits
-# needs ~1,000 runs for the generator to generalise (bench/generator_quality.py); the MNIST-1D
-# zoos are smaller and shorter than the reference presets (README, SGD reference numbers).
+# (label, folder under the root, overrides for every stage, extra overrides of the training stages:
+# {"imitation": [...], "task": [...]}). Zoo sizes are what a 2-core CPU affords: digits needs ~1,000
+# runs for imitation to generalise (bench/generator_quality.py); the MNIST-1D zoos are smaller and
+# shorter than the reference presets (README, SGD reference numbers).
 SETTINGS = [
-    ("digits MLP", "digits-mlp", ["target=mlp", "task=digits", "zoo.runs=1024"]),
-    ("MNIST-1D MLP", "mnist1d-mlp", ["experiment=mnist1d_mlp", "zoo.runs=128", "zoo.epochs=60"]),
-    ("MNIST-1D CNN", "mnist1d-cnn", ["experiment=mnist1d_cnn", "zoo.runs=24", "zoo.epochs=30"]),
+    ("digits MLP", "digits-mlp", ["target=mlp", "task=digits", "zoo.runs=1024"], {}),
+    ("MNIST-1D MLP", "mnist1d-mlp", ["experiment=mnist1d_mlp", "zoo.runs=128", "zoo.epochs=60"], {}),
+    ("MNIST-1D CNN", "mnist1d-cnn", ["experiment=mnist1d_cnn", "zoo.runs=24", "zoo.epochs=30"], {}),
 ]
 
 
@@ -45,15 +47,41 @@ def run(argv: list[str]) -> None:
         raise SystemExit(f"results_table: `synthnet {shlex.join(argv)}` failed with exit code {code}")
 
 
-def pipeline(root: Path, overrides: list[str], args: argparse.Namespace) -> None:
+def timed(times: dict[str, dict[str, float]], stage: str, argv: list[str]) -> None:
+    """``run(argv)`` and record its wall and CPU seconds (all threads of this process) under ``stage``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run(argv)
+    times[stage] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+
+
+def pipeline(root: Path, folder: str, overrides: list[str], stage_overrides: dict[str, list[str]],
+             args: argparse.Namespace) -> None:
+    """zoo -> imitation (each generator) -> task [-> task from scratch] [-> GRPO from the task generator]
+    -> evaluate, with the wall and CPU seconds of each stage in ``<root>/<folder>/stage_times.json``."""
     common = [f"paths.root={root}", f"seed={args.seed}", "progress=false", *args.override]
-    run(["zoo", *overrides, *common, *([f"zoo.runs={args.runs}"] if args.runs else [])])
+    times: dict[str, dict[str, float]] = {}
+    imitation_overrides = stage_overrides.get("imitation", [])
+    task_overrides = stage_overrides.get("task", []) + [f"method.imitation.{o.removeprefix('method.')}"
+                                                         for o in imitation_overrides]
+    timed(times, "zoo", ["zoo", *overrides, *common, *([f"zoo.runs={args.runs}"] if args.runs else [])])
     if not args.skip_train:
         for generator in args.generators:
-            run(["train", *overrides, *common, f"generator={generator}", "method=imitation"])
+            timed(times, f"{generator} imitation", ["train", *overrides, *common, f"generator={generator}",
+                                                    "method=imitation", *imitation_overrides])
+        first = args.generators[0]
+        if not args.no_task:
+            timed(times, f"{first} task", ["train", *overrides, *common, f"generator={first}", "method=task",
+                                           *task_overrides])
+        if args.scratch:
+            timed(times, f"{first} task from scratch", ["train", *overrides, *common, f"generator={first}",
+                                                        "method=task", "method.from_scratch=true", *task_overrides])
         if args.grpo:
-            run(["train", *overrides, *common, f"generator={args.generators[0]}", "method=grpo"])
-    run(["evaluate", *overrides, *common, f"evaluate.count={args.count}"])
+            source = root / folder / "generators" / f"{first}-{'imitation' if args.no_task else 'task'}.safetensors"
+            timed(times, f"{first} grpo", ["train", *overrides, *common, f"generator={first}", "method=grpo",
+                                           f"method.source={source}"])
+    timed(times, "evaluate", ["evaluate", *overrides, *common, f"evaluate.count={args.count}"])
+    from synthnet.storage import atomic_write_bytes
+    atomic_write_bytes(root / folder / "stage_times.json", json.dumps(times, indent=1).encode())
 
 
 def _f(value, digits: int = 3) -> str:
@@ -67,7 +95,7 @@ def table(root: Path, command: str, settings: list[str]) -> str:
     lines = ["| setting | networks | test accuracy | " + " | ".join(HEADLINE_COLUMNS) + " |",
              "|---" * (len(HEADLINE_COLUMNS) + 3) + "|"]
     machines = set()
-    for label, folder, _ in [s for s in SETTINGS if s[1] in settings]:
+    for label, folder, _, _ in [s for s in SETTINGS if s[1] in settings]:
         path = root / folder / "reports" / "report.json"
         if not path.is_file():
             raise SystemExit(f"results_table: no report at {path}; run without --table-only first")
@@ -95,6 +123,16 @@ def table(root: Path, command: str, settings: list[str]) -> str:
               "above 1: farther from the zoo. Time-to-accuracy ratio = twin training time to the same test accuracy "
               "/ generation time (above 1: generating is faster).", "",
               f"Reproduce: `{command}`", "", f"Machine: {'; '.join(sorted(machines))}"]
+    stage_rows = []
+    for label, folder, _, _ in [s for s in SETTINGS if s[1] in settings]:
+        path = root / folder / "stage_times.json"
+        if path.is_file():
+            stages = json.loads(path.read_text())
+            stage_rows.append(f"| {label} | " + ", ".join(f"{name} {t['cpu_s']:.0f} ({t['wall_s']:.0f})"
+                                                         for name, t in stages.items()) + " |")
+    if stage_rows:
+        lines += ["", "CPU seconds of each stage, all threads (wall seconds in brackets), from the same run:", "",
+                  "| setting | stages |", "|---|---|", *stage_rows]
     return "\n".join(lines)
 
 
@@ -120,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=16, help="generated networks and SGD twins per row")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--generators", nargs="+", default=["perceiver_moe", "flat_mlp"])
-    parser.add_argument("--grpo", action="store_true", help="also GRPO-tune the first generator")
+    parser.add_argument("--grpo", action="store_true", help="also GRPO-tune the first generator (from its task file)")
+    parser.add_argument("--no-task", action="store_true", help="skip the task-loss stage (imitation rows only)")
+    parser.add_argument("--scratch", action="store_true", help="also train the task-loss-from-scratch ablation")
     parser.add_argument("--skip-train", action="store_true", help="evaluate the generator files already there")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from existing reports")
     parser.add_argument("--settings", nargs="+", default=[s[1] for s in SETTINGS], help="folders to run")
@@ -130,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     if START not in readme_text or END not in readme_text:  # fail before hours of work, not after
         raise SystemExit(f"results_table: {args.readme} lacks the '{START}' / '{END}' markers")
     if not args.table_only:
-        for label, folder, overrides in SETTINGS:
+        for label, folder, overrides, stage_overrides in SETTINGS:
             if folder in args.settings:
                 print(f"\n=== {label} ===", flush=True)
-                pipeline(args.root, overrides, args)
+                pipeline(args.root, folder, overrides, stage_overrides, args)
     command = "python bench/results_table.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     write_readme(args.readme, table(args.root, command.strip(), args.settings))
     print(f"results table written to {args.readme}")

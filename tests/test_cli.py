@@ -63,15 +63,21 @@ def test_zoo_smoke_run_as_a_subprocess(tmp_path):
     assert again.returncode == 0 and "skipped 2 completed runs" in again.stderr
 
 
-def test_pipeline_smoke_runs_every_stage(tmp_path, capsys):
-    assert main(["pipeline", "experiment=smoke", f"paths.root={tmp_path}", "progress=false"]) == 0
+def test_pipeline_smoke_runs_every_stage_with_the_default_curriculum(tmp_path, capsys):
+    import json
+
+    assert main(["pipeline", "experiment=smoke_task", f"paths.root={tmp_path}", "progress=false"]) == 0
     out = capsys.readouterr().out
     for stage in ("zoo", "train", "generate", "evaluate"):
         assert f"== synthnet {stage} ==" in out
     target_dir = tmp_path / "digits-mlp"
+    # train = imitation, then the task loss from it; generate uses the task-trained generator
     assert (target_dir / "generators" / "perceiver_moe-imitation.safetensors").is_file()
-    assert len(list((target_dir / "generated").rglob("*.safetensors"))) > 0
-    assert (target_dir / "reports" / "report.json").is_file() and (target_dir / "reports" / "report.md").is_file()
+    assert (target_dir / "generators" / "perceiver_moe-task.safetensors").is_file()
+    assert [p.name for p in (target_dir / "generated").iterdir()] == ["perceiver_moe-task"]
+    report = json.loads((target_dir / "reports" / "report.json").read_text())
+    assert set(report["generators"]) == {"perceiver_moe-imitation", "perceiver_moe-task"}
+    assert (target_dir / "reports" / "report.md").is_file()
 
 
 def test_pipeline_rejects_unknown_stage(tmp_path, capsys):

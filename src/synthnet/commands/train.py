@@ -143,22 +143,7 @@ def train_imitation_command(cfg: DictConfig) -> None:
         accuracy = accuracy_and_loss(template, stacked, x_val, y_val)[0]
         return {f"val_accuracy_{steps}_steps": float(accuracy.mean()), "val_accuracy_sgd": sgd_val}
 
-    metrics_path = path.with_name(path.name.removesuffix(".safetensors") + ".metrics.jsonl")
-    if start_step == 0 and metrics_path.exists():
-        metrics_path.unlink()  # a fresh training starts a fresh log
-    writer = _tensorboard(Path(cfg.paths.target_dir) / "tensorboard" / path.name.removesuffix(".safetensors"))
-
-    def on_metrics(step: int, metrics: dict) -> None:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    writer.add_scalar(f"imitation/{key}", value, step)
-            for block, fractions in enumerate(metrics.get("expert_fraction", [])):
-                for expert, value in enumerate(fractions):
-                    writer.add_scalar(f"experts/block{block}/expert{expert}", value, step)
+    on_metrics, writer = metrics_log(cfg, path, start_step, "imitation")
 
     extra = {"method": method["name"], "method_config": method, "fingerprint": fingerprint,
              "steps": settings.steps, "input_shape": list(task.input_shape), "num_classes": task.num_classes,
@@ -190,13 +175,41 @@ def train_imitation_command(cfg: DictConfig) -> None:
     print("\n".join(f"| {k.ljust(width)} | {v} |" for k, v in rows))
 
 
+def metrics_log(cfg: DictConfig, path: Path, start_step: int, prefix: str):
+    """``(on_metrics(step, metrics), writer)`` writing ``<stem>.metrics.jsonl`` beside the generator and
+    TensorBoard scalars under ``<target_dir>/tensorboard/<stem>``. A fresh training starts a fresh log; a
+    resumed one keeps only the records up to ``start_step``, so no step is logged twice."""
+    from synthnet.storage import atomic_write_bytes
+
+    stem = path.name.removesuffix(".safetensors")
+    jsonl = path.with_name(f"{stem}.metrics.jsonl")
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] \
+        if start_step and jsonl.exists() else []
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(jsonl, "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= start_step).encode())
+    writer = _tensorboard(Path(cfg.paths.target_dir) / "tensorboard" / stem, purge_step=start_step + 1 if start_step else None)
+
+    def on_metrics(step: int, metrics: dict) -> None:
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    writer.add_scalar(f"{prefix}/{key}", value, step)
+            for block, fractions in enumerate(metrics.get("expert_fraction", [])):
+                for expert, value in enumerate(fractions):
+                    writer.add_scalar(f"experts/block{block}/expert{expert}", value, step)
+
+    return on_metrics, writer
+
+
 def _seed_range(seeds: list[int]) -> str:
     return f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
 
 
-def _tensorboard(log_dir: Path):
+def _tensorboard(log_dir: Path, purge_step: int | None = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)

@@ -66,13 +66,13 @@ def task_path(cfg: DictConfig) -> Path:
 
 def train_task_command(cfg: DictConfig) -> Path:
     from synthnet.commands.generate import check_generator_matches
-    from synthnet.commands.train import _tensorboard, resume_path
-    from synthnet.commands.train_grpo import ensure_imitation, read_records
+    from synthnet.commands.train import metrics_log, resume_path
+    from synthnet.commands.train_grpo import ensure_imitation
     from synthnet.generation import init_tokens, target_layout
     from synthnet.generators import build_generator, load_generator, save_generator
     from synthnet.methods.imitation import EMA, load_optimizer_tensors, optimizer_tensors
     from synthnet.methods.task import TaskState, step_seeds, train_task, validation_metrics
-    from synthnet.storage import atomic_write_bytes, load_state_dict, read_metadata, save_state_dict
+    from synthnet.storage import load_state_dict, read_metadata, save_state_dict
     from synthnet.tasks import build_task
 
     method = container(cfg.method)
@@ -107,7 +107,6 @@ def train_task_command(cfg: DictConfig) -> Path:
 
     path = task_path(cfg)
     state_path = resume_path(path)
-    stem = path.name.removesuffix(".safetensors")
     fingerprint = hashlib.sha256(json.dumps(
         [generator_config, method, target_config, task_config, source_fingerprint, int(cfg.seed),
          settings.generation_steps], sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -153,20 +152,7 @@ def train_task_command(cfg: DictConfig) -> Path:
     def validate(ema_model) -> dict[str, float]:
         return validation_metrics(ema_model, val_inits, layout, settings.generation_steps, target, x_val, y_val)
 
-    jsonl = path.with_name(f"{stem}.metrics.jsonl")
-    kept = [r for r in read_records(jsonl) if r.get("step", 0) <= state.step] if state.step else []
-    atomic_write_bytes(jsonl, "".join(json.dumps(r) + "\n" for r in kept).encode())
-    writer = _tensorboard(Path(cfg.paths.target_dir) / "tensorboard" / stem)
-    if writer is not None and state.step:
-        writer.purge_step = state.step + 1
-
-    def on_metrics(step: int, metrics: dict) -> None:
-        with open(jsonl, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    writer.add_scalar(f"task/{key}", value, step)
+    on_metrics, writer = metrics_log(cfg, path, state.step, "task")
 
     header = {"method": "task", "method_config": method, "fingerprint": fingerprint, "steps": settings.steps,
               "generation_steps": settings.generation_steps, "input_shape": list(task.input_shape),

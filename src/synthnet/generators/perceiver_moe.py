@@ -197,8 +197,10 @@ class PerceiverMoEGenerator(nn.Module):
                  num_heads: int = 4, ff_multiplier: int = 2, num_experts: int = 4, top_k: int = 2,
                  time_dim: int = 64, condition_dim: int = 0, predict: str = "delta", neuron_messages: bool = True,
                  message_rank: int = 32, max_output_units: int = 64, balance_loss_weight: float = 0.01,
-                 z_loss_weight: float = 0.001):
+                 z_loss_weight: float = 0.001, decoder_depth: int = 1, decoder_messages: bool = False):
         super().__init__()
+        if int(decoder_depth) < 1:
+            raise SynthNetError(f"generator.decoder_depth must be at least 1, got {decoder_depth}")
         if predict not in ("delta", "direct"):
             raise SynthNetError(f"generator.predict must be 'delta' or 'direct', got '{predict}'")
         self.chunk_size, self.predict = chunk_size, predict
@@ -224,6 +226,10 @@ class PerceiverMoEGenerator(nn.Module):
         self.decode_attn = Attention(d_model, num_heads)
         self.decode_ff_norm = AdaLayerNorm(d_model)
         self.decode_ff = FeedForward(d_model, ff_multiplier * d_model)
+        # further per-token feed-forward blocks (decoder_depth - 1): depth of the path from a token to its output
+        self.decode_extra_norms = nn.ModuleList(AdaLayerNorm(d_model) for _ in range(int(decoder_depth) - 1))
+        self.decode_extra_ffs = nn.ModuleList(FeedForward(d_model, ff_multiplier * d_model)
+                                              for _ in range(int(decoder_depth) - 1))
         self.out_norm = AdaLayerNorm(d_model)
         self.head = nn.Linear(d_model, chunk_size)
         nn.init.zeros_(self.head.weight)
@@ -238,6 +244,16 @@ class PerceiverMoEGenerator(nn.Module):
             nn.init.zeros_(self.edge_row.bias)
             nn.init.zeros_(self.edge_gain.weight)
             nn.init.zeros_(self.edge_gain.bias)
+        self.decoder_messages = bool(decoder_messages and neuron_messages)
+        if self.decoder_messages:  # a second, two-way round of messages on the decoded token features
+            self.decoder_message = nn.ModuleDict({
+                "backward_value": nn.Linear(d_model, d_model), "backward_out": nn.Linear(d_model, d_model),
+                "forward_value": nn.Linear(d_model, d_model), "forward_out": nn.Linear(d_model, d_model)})
+            self.decoder_message_norm = AdaLayerNorm(d_model)
+            self.decoder_message_ff = FeedForward(d_model, ff_multiplier * d_model)
+            for name in ("backward_out", "forward_out"):
+                nn.init.zeros_(self.decoder_message[name].weight)
+                nn.init.zeros_(self.decoder_message[name].bias)
 
     # ------------------------------------------------------------------ pieces
 
@@ -273,6 +289,30 @@ class PerceiverMoEGenerator(nn.Module):
                 message = torch.einsum("bcj,bcd->bjd", weights, receivers) / math.sqrt(nxt.out_units)
                 rows = rows + self.message_in(message)[:, :, None]
             pieces.append(rows.flatten(1, 2))
+        return torch.cat(pieces, dim=1)
+
+    def _two_way_messages(self, e: torch.Tensor, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Messages along real connections in both directions, on features e (B, N, D) -> update (B, N, D).
+
+        Backward: hidden neuron j of layer l gets ``sum_c W_{l+1}[c, j] V(row_c)`` (who reads me, how strongly);
+        forward: row c of layer l+1 gets ``sum_j W_{l+1}[c, j] U(neuron_j)`` (what my inputs compute). Both are
+        sums over neurons, so a hidden permutation permutes them exactly."""
+        m = self.decoder_message
+        neurons = [_layer_rows(e, layer).mean(2) for layer in layout.layers]  # (B, O, D) each
+        updates = [torch.zeros_like(n) for n in neurons]
+        for index in range(1, len(layout.layers)):
+            repeat = _connection(layout, index)
+            if repeat is None:
+                continue
+            layer, previous = layout.layers[index], layout.layers[index - 1]
+            weights = _layer_rows(tokens, layer).flatten(2)[..., :previous.out_units * repeat]  # (B, O, O_prev*rep)
+            weights = weights.reshape(*weights.shape[:2], previous.out_units, repeat).mean(-1)  # (B, O, O_prev)
+            backward = torch.einsum("bcj,bcd->bjd", weights, m["backward_value"](neurons[index]))
+            updates[index - 1] = updates[index - 1] + m["backward_out"](backward / math.sqrt(layer.out_units))
+            forward = torch.einsum("bcj,bjd->bcd", weights, m["forward_value"](neurons[index - 1]))
+            updates[index] = updates[index] + m["forward_out"](forward / math.sqrt(previous.out_units))
+        pieces = [update[:, :, None].expand(-1, -1, layer.chunks_per_row, -1).flatten(1, 2)
+                  for update, layer in zip(updates, layout.layers)]
         return torch.cat(pieces, dim=1)
 
     def _edge_update(self, e: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -320,6 +360,11 @@ class PerceiverMoEGenerator(nn.Module):
             latents = block(latents, cond)
         e = h + self.decode_attn(self.decode_norm(h, cond), self.latent_norm(latents))
         e = e + self.decode_ff(self.decode_ff_norm(e, cond))
+        for norm, ff in zip(self.decode_extra_norms, self.decode_extra_ffs):
+            e = e + ff(norm(e, cond))
+        if self.decoder_messages:
+            e = e + self._two_way_messages(e, tokens * mask, layout)
+            e = e + self.decoder_message_ff(self.decoder_message_norm(e, cond))
         e = self.out_norm(e, cond)
         out = self.head(e)
         if self.neuron_messages:
