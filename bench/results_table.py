@@ -23,13 +23,20 @@ from pathlib import Path
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 # (label, folder under the root, overrides for every stage, extra overrides of the training stages:
-# {"imitation": [...], "task": [...]}). Zoo sizes are what a 2-core CPU affords: digits needs ~1,000
-# runs for imitation to generalise (bench/generator_quality.py); the MNIST-1D zoos are smaller and
-# shorter than the reference presets (README, SGD reference numbers).
+# {"imitation": [...], "task": [...], "scratch": [...]}). Zoo sizes are what a 2-core CPU affords:
+# digits needs ~1,000 runs for imitation to generalise (bench/generator_quality.py); the MNIST-1D
+# zoos are smaller and shorter than the reference presets (README, SGD reference numbers). The task
+# loss needs about as many steps as SGD takes on one network (bench/generator_capacity.py): the
+# MNIST-1D settings get more; the from-scratch ablation gets fewer where CPU time ran short.
 SETTINGS = [
     ("digits MLP", "digits-mlp", ["target=mlp", "task=digits", "zoo.runs=1024"], {}),
-    ("MNIST-1D MLP", "mnist1d-mlp", ["experiment=mnist1d_mlp", "zoo.runs=128", "zoo.epochs=60"], {}),
-    ("MNIST-1D CNN", "mnist1d-cnn", ["experiment=mnist1d_cnn", "zoo.runs=24", "zoo.epochs=30"], {}),
+    ("MNIST-1D MLP", "mnist1d-mlp", ["experiment=mnist1d_mlp", "zoo.runs=128", "zoo.epochs=60"],
+     {"task": ["method.steps=3000", "method.eval_every=200", "method.save_every=200"],
+      "scratch": ["method.steps=1000", "method.eval_every=200", "method.save_every=200"]}),
+    ("MNIST-1D CNN", "mnist1d-cnn", ["experiment=mnist1d_cnn", "zoo.runs=24", "zoo.epochs=30"],
+     {"imitation": ["method.steps=400", "method.eval_every=200", "method.save_every=200"],
+      "task": ["method.steps=1000", "method.inits_per_step=4", "method.eval_every=100", "method.save_every=100"],
+      "scratch": ["method.steps=500", "method.inits_per_step=4", "method.eval_every=100", "method.save_every=100"]}),
 ]
 
 
@@ -74,7 +81,8 @@ def pipeline(root: Path, folder: str, overrides: list[str], stage_overrides: dic
                                            *task_overrides])
         if args.scratch:
             timed(times, f"{first} task from scratch", ["train", *overrides, *common, f"generator={first}",
-                                                        "method=task", "method.from_scratch=true", *task_overrides])
+                                                        "method=task", "method.from_scratch=true",
+                                                        *stage_overrides.get("scratch", task_overrides)])
         if args.grpo:
             source = root / folder / "generators" / f"{first}-{'imitation' if args.no_task else 'task'}.safetensors"
             timed(times, f"{first} grpo", ["train", *overrides, *common, f"generator={first}", "method=grpo",
