@@ -64,6 +64,7 @@ def test_train_resumes_after_an_interruption(tiny_zoo, tmp_path, monkeypatch):
     assert main(["train", *_args(tiny_zoo, tmp_path / "resumed", *steps)]) == 130
     folder = tmp_path / "resumed" / "digits-mlp" / "generators"
     assert (folder / "resume" / "perceiver_moe-imitation.safetensors").exists()
+    assert not (folder / "perceiver_moe-imitation.safetensors").exists()  # nothing unfinished where evaluate looks
     monkeypatch.setattr(imitation, "train_imitation", real)
     assert main(["train", *_args(tiny_zoo, tmp_path / "resumed", *steps)]) == 0
     assert not (folder / "resume" / "perceiver_moe-imitation.safetensors").exists()
@@ -72,3 +73,19 @@ def test_train_resumes_after_an_interruption(tiny_zoo, tmp_path, monkeypatch):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # a finished generator with the same settings is not retrained
     assert main(["train", *_args(tiny_zoo, tmp_path / "resumed", *steps)]) == 0
+
+
+def test_unfinished_generator_is_refused_by_generate_and_evaluate(tiny_zoo, tmp_path, capsys):
+    from synthnet.storage import load_state_dict, read_metadata, save_state_dict
+
+    assert main(["train", *_args(tiny_zoo, tmp_path)]) == 0
+    path = tmp_path / "digits-mlp" / "generators" / "perceiver_moe-imitation.safetensors"
+    assert read_metadata(path)["finished"] is True
+    tensors, meta = load_state_dict(path)
+    save_state_dict(path, tensors, {**meta, "finished": False, "step": 3})  # as an interrupted GRPO leaves it
+    capsys.readouterr()
+    assert main(["generate", *_args(tiny_zoo, tmp_path)]) == 2
+    assert "unfinished training" in capsys.readouterr().err
+    assert main(["evaluate", *_args(tiny_zoo, tmp_path, "evaluate.count=2")]) == 2
+    assert "unfinished training" in capsys.readouterr().err
+    assert not (tmp_path / "digits-mlp" / "reports").exists()

@@ -101,6 +101,7 @@ def evaluate_command(cfg: DictConfig) -> None:
     import torch
     from tqdm.auto import tqdm
 
+    from synthnet.commands.generate import check_generator_matches
     from synthnet.evaluation.baselines import build_baselines
     from synthnet.evaluation.pipeline import Generated, Options, evaluate
     from synthnet.evaluation.report import write_report
@@ -133,9 +134,7 @@ def evaluate_command(cfg: DictConfig) -> None:
     for path in files:
         bar.set_postfix_str(f"generate {path.stem}")
         loaded = load_generator(path, device)
-        if loaded.target_config != target_config or loaded.task_config != task_config:
-            log.warning("%s was trained for %s on %s; evaluating it on %s on %s", path.name,
-                        loaded.target_config, loaded.task_config.get("name"), target_config, task_config["name"])
+        check_generator_matches(path, loaded, target_config, task_config)
         _, layout = target_layout(target_config, task.input_shape, task.num_classes, loaded.chunk_size)
         check_layout(layout, loaded.metadata.get("num_tokens"), str(path))
         try:

@@ -14,7 +14,12 @@ log = logging.getLogger("synthnet")
 
 
 def check_generator_matches(path: Path, loaded, target_config: dict, task_config: dict) -> None:
-    """A generator only makes weights for the target (and task) it was trained on."""
+    """The one check that a generator file can serve: its training finished, and it makes weights for this
+    target (the whole target config) on this task. Used by generate, evaluate, GRPO and the task method."""
+    if loaded.metadata.get("finished") is False:
+        raise SynthNetError(f"{path} is an unfinished training ({loaded.metadata.get('method')}, stopped at "
+                            f"{loaded.metadata.get('grpo_iteration', loaded.metadata.get('step'))}); finish it with "
+                            f"`synthnet train` (same overrides) or leave it out")
     if loaded.target_config != target_config:
         raise SynthNetError(f"{path} was trained for target {loaded.target_config}, not {target_config}; "
                             f"pass the same target= overrides as for `synthnet train`")

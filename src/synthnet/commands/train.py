@@ -151,10 +151,12 @@ def train_imitation_command(cfg: DictConfig) -> None:
              "train_seeds": train_data.seeds, "val_seeds": val_data.seeds}
 
     def on_save(state: TrainState) -> None:
-        scalars = {k: v for k, v in state.metrics.items() if isinstance(v, (int, float))}
-        save_generator(path, state.ema.model, config=generator_config, target_config=target_config,
-                       task_config=task_config, chunk_size=layout.chunk_size,
-                       extra={**extra, "step": state.step, "metrics": scalars})
+        # the generator file is written once, finished; until then only the resume state exists
+        if state.step >= settings.steps:
+            scalars = {k: v for k, v in state.metrics.items() if isinstance(v, (int, float))}
+            save_generator(path, state.ema.model, config=generator_config, target_config=target_config,
+                           task_config=task_config, chunk_size=layout.chunk_size,
+                           extra={**extra, "step": state.step, "metrics": scalars, "finished": True})
         if state.step < settings.steps:
             tensors = {**{f"model.{k}": v for k, v in state.model.state_dict().items()},
                        **{f"ema.{k}": v for k, v in state.ema.model.state_dict().items()},

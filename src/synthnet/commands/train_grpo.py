@@ -253,7 +253,7 @@ def train_grpo(cfg: DictConfig) -> Path:
               "grpo_first_seed": first_seed, "generation_steps": steps}
 
     def save(iteration: int) -> None:
-        meta = {**header, "grpo_iteration": iteration}
+        meta = {**header, "grpo_iteration": iteration, "finished": iteration >= iterations}
         save_optimizer(optimizer_path, optimizer, meta)
         save_generator(out_path, policy, config=imitation.config, target_config=imitation.target_config,
                        task_config=imitation.task_config, chunk_size=imitation.chunk_size, extra=meta)

@@ -32,8 +32,8 @@ from synthnet.errors import SynthNetError
 
 log = logging.getLogger("synthnet")
 
-_NOT_SETTINGS = {"name", "imitation", "imitation_first", "source", "from_scratch", "first_seed", "val_inits",
-                 "val_first_seed"}
+_NOT_SETTINGS = {"name", "imitation", "imitation_first", "source", "from_scratch", "start", "first_seed",
+                 "val_inits", "val_first_seed"}
 
 
 def task_settings(method: dict, seed: int, generation_steps: int):
@@ -60,7 +60,7 @@ def task_path(cfg: DictConfig) -> Path:
     """``train.output`` or ``<generators_dir>/<generator>-task[-scratch].safetensors``."""
     if cfg.train.output:
         return Path(cfg.train.output)
-    suffix = "-scratch" if cfg.method.get("from_scratch") else ""
+    suffix = "-scratch" if cfg.method.get("from_scratch") else "-fresh" if cfg.method.get("start") == "fresh" else ""
     return Path(cfg.paths.generators_dir) / f"{cfg.generator.name}-task{suffix}.safetensors"
 
 
@@ -88,7 +88,10 @@ def train_task_command(cfg: DictConfig) -> Path:
     torch.manual_seed(int(cfg.seed))
 
     from_scratch = bool(method.get("from_scratch"))
-    if from_scratch:
+    start = method.get("start", "imitation")
+    if start not in ("imitation", "fresh"):
+        raise SynthNetError(f"method.start must be 'imitation' or 'fresh', got {start!r}")
+    if from_scratch or start == "fresh":
         source, reference, generator_config, chunk_size, source_fingerprint = None, None, container(cfg.generator), \
             int(cfg.generator.get("chunk_size", 64)), None
     else:
@@ -119,6 +122,8 @@ def train_task_command(cfg: DictConfig) -> Path:
     model = build_generator(generator_config, cpu_layout).to(device)
     if reference is not None:
         model.load_state_dict(reference.state_dict())
+    elif start == "fresh" and not from_scratch:  # anchor to the fresh generator, whose output is its input
+        reference = copy.deepcopy(model).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     state = TaskState(step=0, model=model, ema=EMA(model, settings.ema_decay), optimizer=optimizer, best=None)
     if cfg.train.resume and state_path.exists():
@@ -157,6 +162,7 @@ def train_task_command(cfg: DictConfig) -> Path:
     header = {"method": "task", "method_config": method, "fingerprint": fingerprint, "steps": settings.steps,
               "generation_steps": settings.generation_steps, "input_shape": list(task.input_shape),
               "num_classes": task.num_classes, "num_tokens": cpu_layout.num_tokens, "from_scratch": from_scratch,
+              "start": "fresh" if from_scratch else start,
               "source": str(source) if source else None, "source_fingerprint": source_fingerprint,
               "task_first_seed": first_seed, "val_first_seed": val_first_seed, "val_inits": val_count}
 

@@ -58,6 +58,7 @@ class TaskSettings:
     generation_steps: int = 4  # sampler steps unrolled with gradients
     step_weights: tuple[float, ...] | None = None  # loss weight of each step's networks; None = last only
     anchor_weight: float = 1.0  # weight of the distance to the frozen imitation generator's outputs
+    auxiliary_weight: float = 1.0  # multiplies the generator's own (already weighted) MoE auxiliary loss
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 50
@@ -152,7 +153,7 @@ def task_step(model: nn.Module, reference: nn.Module | None, init_tokens: torch.
         with torch.no_grad():
             reference_states = sample(reference, init_tokens, layout, settings.generation_steps).trajectory[1:]
         anchor = sum(layer_mse(s, r, value_weights) for s, r in zip(states, reference_states)) / len(states)
-    loss = task_loss + settings.anchor_weight * anchor + aux
+    loss = task_loss + settings.anchor_weight * anchor + settings.auxiliary_weight * aux
     return StepResult(loss, float(task_loss.detach()), float(final_loss.detach()), float(accuracy.mean()),
                       float(anchor.detach()) if torch.is_tensor(anchor) else float(anchor), float(aux.detach()))
 
