@@ -228,8 +228,21 @@ def test_from_scratch_needs_no_imitation_and_has_no_anchor(tiny_zoo, tmp_path):
     assert meta["from_scratch"] is True and meta["source"] is None
 
 
+def test_fresh_start_anchors_to_the_init(tiny_zoo, tmp_path):
+    assert main(["train", *_args(tiny_zoo, tmp_path, *STEPS, "method.start=fresh", "method.anchor_weight=0.5")]) == 0
+    assert not _generator(tmp_path, "perceiver_moe-imitation").exists()
+    path = _generator(tmp_path, "perceiver_moe-task-fresh")
+    meta = read_metadata(path)
+    assert meta["start"] == "fresh" and meta["from_scratch"] is False and meta["finished"] is True
+    import json
+    logged = [json.loads(line) for line in path.with_name("perceiver_moe-task-fresh.metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("anchor", 0) > 0 for r in logged)  # the distance to the init is part of the loss
+
+
 def test_bad_task_options_are_one_line_errors(tiny_zoo, tmp_path, capsys):
     assert main(["train", *_args(tiny_zoo, tmp_path, "method.step_weights=[1,2,3]")]) == 2
     assert "step_weights" in capsys.readouterr().err
     assert main(["train", *_args(tiny_zoo, tmp_path, "method.first_seed=5000000")]) == 2
     assert "overlaps the validation inits" in capsys.readouterr().err
+    assert main(["train", *_args(tiny_zoo, tmp_path, "method.start=zoo")]) == 2
+    assert "method.start must be" in capsys.readouterr().err

@@ -7,7 +7,9 @@ when missing), keeps a frozen copy of it as the anchor, and runs
 the task's **training** split; selection and early stopping use networks generated from
 ``method.val_inits`` held-out inits, scored on the **validation** split.
 ``method.from_scratch=true`` starts from a fresh generator with no anchor: the ablation that
-collapses into one network for every init (the evaluation flags it).
+collapses into one network for every init (the evaluation flags it). ``method.start=fresh`` starts
+from a fresh generator and anchors to it: its output is its input, so that anchor ties each
+output to its own init (for targets whose imitation generator is too poor to start from).
 
 Writes ``train.output`` or ``<generator>-task.safetensors`` (``-task-scratch`` for the
 ablation) once, at the end, with ``finished: true`` and the selected step in its header;

@@ -215,10 +215,13 @@ def consistency_loss(model: nn.Module, data: ZooTokens, batch_size: int, generat
     run, i1, i2, i3 = sample_triplets(data.times, batch_size, generator)
     source = data.tokens[run, i1].to(device)
     t1, t2, t3 = (data.times[run, i].to(device) for i in (i1, i2, i3))
-    two_steps = model(model(source, t1, t2, layout), t2, t3, layout)
+    first = model(source, t1, t2, layout)
+    auxiliary = model.auxiliary_loss()
+    two_steps = model(first, t2, t3, layout)
+    auxiliary = (auxiliary + model.auxiliary_loss()) / 2  # of the two forwards with gradients, not the no_grad one
     with torch.no_grad():
         one_step = model(source, t1, t3, layout)
-    return layer_mse(two_steps, one_step, value_weights) + model.auxiliary_loss()
+    return layer_mse(two_steps, one_step, value_weights) + auxiliary
 
 
 @torch.no_grad()
