@@ -155,7 +155,7 @@ def task_step(model: nn.Module, reference: nn.Module | None, init_tokens: torch.
         anchor = sum(layer_mse(s, r, value_weights) for s, r in zip(states, reference_states)) / len(states)
     loss = task_loss + settings.anchor_weight * anchor + settings.auxiliary_weight * aux
     return StepResult(loss, float(task_loss.detach()), float(final_loss.detach()), float(accuracy.mean()),
-                      float(anchor.detach()) if torch.is_tensor(anchor) else float(anchor), float(aux.detach()))
+                      float(anchor.detach()), float(aux.detach()))
 
 
 @dataclass
