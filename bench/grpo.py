@@ -157,7 +157,7 @@ def evaluate_setting(name: str, overrides: list[str], args) -> dict:
         per_step = [float(accuracy_and_loss(model, sd, x_test, y_test)[0].mean()) for sd in result.state_dicts]
         rows.append(describe(label, per_step, result.state_dicts[-1], result.seconds))
     twin_acc = float(accuracy_and_loss(model, twin_nets, x_test, y_test)[0].mean())
-    twins_row = describe("SGD twins", [twin_acc], twin_nets, float(twins.net_seconds[-1]))
+    twins_row = describe("SGD twins", [twin_acc], twin_nets, float(twins.seconds[-1].sum()))
     for row in rows + [twins_row]:
         for key in ("weight_novelty", "prediction_novelty", "diversity"):
             row[f"{key}_ratio"] = row[key] / twins_row[key] if twins_row[key] > 0 else float("nan")

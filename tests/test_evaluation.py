@@ -143,19 +143,89 @@ def test_twin_of_a_zoo_seed_reproduces_the_zoo_run(digits_task, tiny_zoo, mlp):
     zoo_final, _ = load_state_dict(list_runs(tiny_zoo["checkpoints_dir"])[seed][-1], mlp)
     assert all(torch.equal(twins.states[0][k][0], init[k]) for k in init)
     assert all(torch.allclose(twins.final[k][0], zoo_final[k], atol=1e-5) for k in zoo_final)
-    assert twins.net_seconds[0] == 0 and (twins.net_seconds.diff() >= 0).all()
+    assert twins.seconds[0, 0] == 0 and (twins.seconds.diff(dim=0) > 0).all()
     assert len(twins.steps) > tiny_zoo["recipe"].epochs  # the fine time grid
 
 
-def test_time_to_reach():
+def test_twins_train_as_the_zoo_trains_the_target(digits_task, tiny_zoo, mlp):
+    """A loop of single runs and one vmapped group give the same twins; a CNN defaults to the loop;
+    a group's time is shared by its members; checkpoint scoring is not on the clock."""
+    from synthnet.zoo import default_group_size
+
+    seeds = [31, 32, 33]
+    inits = [init_state_dict(tiny_zoo["target"], digits_task.input_shape, digits_task.num_classes, s) for s in seeds]
+    recipe = Recipe(**{**tiny_zoo["recipe"].__dict__, "checkpoint_every": 10})
+    grouped = train_twins(mlp, inits, seeds, digits_task, recipe, group_size=3)
+    looped = train_twins(mlp, inits, seeds, digits_task, recipe, group_size=1)
+    assert grouped.group_size == 3 and looped.group_size == 1
+    assert torch.equal(grouped.steps, looped.steps)
+    assert all(torch.allclose(grouped.final[k], looped.final[k], atol=1e-5) for k in grouped.final)
+    assert torch.allclose(grouped.val_accuracy, looped.val_accuracy, atol=1e-3)
+    cnn = build_target({"name": "cnn", "channels": [4], "kernel_size": 3, "pool": 2}, (1, 8, 8), 10)
+    assert default_group_size(cnn) == 1 and default_group_size(mlp) > 1
+
+    slow = {}  # the same training with a callback that sleeps: the clock must not see it
+
+    def train_with_slow_scoring(*args, **kwargs):
+        import time
+
+        from synthnet.zoo import training
+
+        def on_checkpoint(checkpoint, inner=args[5]):
+            time.sleep(0.2)
+            inner(checkpoint)
+        return training.train_runs(*args[:5], on_checkpoint, **kwargs)
+
+    import synthnet.evaluation.twins as twins_module
+    original = twins_module.train_runs
+    twins_module.train_runs = train_with_slow_scoring
+    try:
+        slow["twins"] = train_twins(mlp, inits[:1], seeds[:1], digits_task, recipe, group_size=1)
+    finally:
+        twins_module.train_runs = original
+    slept = 0.2 * len(slow["twins"].steps)  # a callback of 0.2 s per checkpoint: not training time
+    assert float(slow["twins"].seconds[-1, 0]) - float(looped.seconds[-1, 0]) < slept / 2
+
+
+def test_time_to_reach_and_matching_read_validation_accuracy():
     twins = Twins(seeds=[0, 1], final_step=20, steps=torch.tensor([0, 10, 20]),
-                  gross_seconds=torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64),
-                  net_seconds=torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64),
-                  test_accuracy=torch.tensor([[0.1, 0.1], [0.5, 0.9], [0.8, 0.95]], dtype=torch.float64), states={})
+                  seconds=torch.tensor([[0.0, 0.0], [1.0, 1.5], [2.0, 3.0]], dtype=torch.float64),
+                  val_accuracy=torch.tensor([[0.1, 0.1], [0.5, 0.9], [0.8, 0.95]], dtype=torch.float64),
+                  test_accuracy=torch.tensor([[0.9, 0.9], [0.1, 0.1], [0.1, 0.1]], dtype=torch.float64), states={})
     seconds, reached = twins.time_to_reach(torch.tensor([0.6, 0.9]))
-    assert seconds.tolist() == [2.0, 1.0] and reached.tolist() == [True, True]
+    assert seconds.tolist() == [2.0, 1.5] and reached.tolist() == [True, True]
     seconds, reached = twins.time_to_reach(torch.tensor([0.99, 0.05]))
     assert seconds.tolist() == [2.0, 0.0] and reached.tolist() == [False, True]
+    index, reached = twins.first_reaching(torch.tensor([0.8, 0.95], dtype=torch.float64))
+    assert index.tolist() == [2, 2] and reached.all()  # the test accuracy (0.9 at step 0) is never read
+    assert twins.curve_reaching(0.7) == (1, True) and twins.curve_reaching(0.99) == (2, False)
+
+
+def test_novelty_is_compared_at_equal_accuracy():
+    """A baseline with lower accuracy and lower raw max IoU than a generator does not dominate it when
+    SGD itself shows even lower IoU at the baseline's accuracy."""
+    from synthnet.evaluation.pipeline import at_sgd_accuracy, placement
+
+    twins = Twins(seeds=[0], final_step=20, steps=torch.tensor([0, 10, 20]),
+                  seconds=torch.zeros(3, 1, dtype=torch.float64),
+                  val_accuracy=torch.tensor([[0.1], [0.8], [0.9]], dtype=torch.float64),
+                  test_accuracy=torch.tensor([[0.1], [0.8], [0.9]], dtype=torch.float64), states={})
+    frontier = {"steps": [0, 10, 20], "max_iou_vs_zoo": [0.05, 0.2, 0.4]}
+
+    def row(val, test, iou):
+        out = {"val_accuracy": {"mean": val}, "test_accuracy": {"mean": test}, "max_iou_vs_zoo": {"mean": iou}}
+        return {**out, "at_sgd_accuracy": at_sgd_accuracy(out, twins, frontier)}
+
+    generator = row(0.9, 0.9, 0.36)  # SGD at 0.9: 0.4 -> ratio 0.9
+    noisy_copy = row(0.8, 0.8, 0.30)  # SGD at 0.8: 0.2 -> ratio 1.5: lower raw IoU, but less novel than SGD
+    assert generator["at_sgd_accuracy"]["novelty_ratio"] == pytest.approx(0.9)
+    assert noisy_copy["at_sgd_accuracy"]["twin_step"] == 10
+    assert noisy_copy["max_iou_vs_zoo"]["mean"] < generator["max_iou_vs_zoo"]["mean"]
+    place = placement(generator, {"noise": noisy_copy})
+    assert place["dominates"] == ["noise"] and place["dominated_by"] == []
+    better = row(0.95, 0.95, 0.3)  # above every SGD checkpoint: compared with the final twins
+    assert better["at_sgd_accuracy"]["reached"] is False
+    assert placement(generator, {"better": better})["dominated_by"] == ["better"]
 
 
 def run_generator(denoiser, layout, inits, steps=2) -> list[dict]:
@@ -204,6 +274,10 @@ def test_report_flags_a_constant_generator(digits_task, tiny_zoo, mlp, tmp_path)
     assert ident["per_step"][-1]["test_accuracy"] == ident["per_step"][0]["test_accuracy"]
     assert ident["per_step"][0]["test_accuracy"]["mean"] == pytest.approx(float(twins.test_accuracy[0].mean()))
     assert ident["time_to_accuracy"]["twin_seconds_to_same_accuracy"]["max"] == 0.0  # an init is reached at once
+    assert ident["twins_at_matched_accuracy"]["twin_steps"] == [0] * 4  # the twin at its init matches the init
+    curve = result["twins"]["curve"]
+    assert len(curve["max_iou_vs_zoo"]) == len(twins.steps) and curve["max_iou_vs_zoo"][-1] == pytest.approx(
+        result["twins"]["max_iou_vs_zoo"]["mean"])
     assert result["twins"]["max_iou_vs_zoo"]["max"] < 1.0
     json.loads(to_json(result))  # strict JSON: no NaN
     paths = write_report(result, {"target": "mlp"}, tmp_path)
@@ -213,6 +287,48 @@ def test_report_flags_a_constant_generator(digits_task, tiny_zoo, mlp, tmp_path)
     assert "flagged: the generator ignores its input" in text and "| constant |" in text
     assert math.isclose(json.loads(paths["json"].read_text())["generators"]["constant"]["headline"]
                         ["input_sensitivity_ratio"], 0.0, abs_tol=1e-9)
+
+
+def test_no_evaluation_choice_reads_the_test_split(digits_task, tiny_zoo, mlp):
+    """Poison the test split (random labels, NaN inputs): every choice of the evaluation (matched
+    twin checkpoints, where SGD stands at each row's accuracy, the twins themselves, the copied
+    zoo finals) stays the same."""
+    import dataclasses
+
+    zoo = zoo_finals(tiny_zoo, mlp)
+    specs = mlp.layer_specs()
+    seeds = [2100000 + i for i in range(4)]
+    inits = [init_state_dict(tiny_zoo["target"], digits_task.input_shape, digits_task.num_classes, s) for s in seeds]
+    layout = build_layout(specs, mlp.state_dict(), chunk_size=16)
+    target = tokenize(metrics.select(zoo.finals, [0]), layout)
+
+    def halfway(tokens, t_source, t_target, layout):  # a generator that lands between init and a zoo final
+        return 0.5 * tokens + 0.5 * target
+
+    generator = torch.Generator().manual_seed(0)
+    poisoned = dataclasses.replace(
+        digits_task, x_test=torch.full_like(digits_task.x_test, float("nan")),
+        y_test=torch.randint(0, digits_task.num_classes, digits_task.y_test.shape, generator=generator))
+    choices = []
+    for task in (digits_task, poisoned):
+        twins = train_twins(mlp, inits, seeds, task, Recipe(**{**tiny_zoo["recipe"].__dict__, "checkpoint_every": 5}))
+        generated = [Generated("halfway", run_generator(halfway, layout, stack_state_dicts(inits)), 0.01)]
+        baselines = build_baselines(zoo.finals, zoo.seeds, zoo.val_accuracy, specs, count_per_baseline=4)
+        result = evaluate(model=mlp, specs=specs, task=task, zoo=zoo, twins=twins, generated=generated,
+                          baselines=baselines, options=Options(prune_fractions=(0.5,), keep_matrices=False))
+        gen = result["generators"]["halfway"]
+        choices.append({
+            "twins": {k: v.clone() for k, v in twins.final.items()},
+            "matched": gen["twins_at_matched_accuracy"]["twin_steps"],
+            "reaching": gen["time_to_accuracy"]["twins_reaching"],
+            "at_sgd": {name: row["at_sgd_accuracy"]["twin_step"]
+                       for name, row in [("halfway", gen), *result["baselines"].items()]},
+            "copied": [b.sources for b in baselines],
+            "val": gen["val_accuracy"]})
+    clean, dirty = choices
+    assert len(set(clean["matched"])) > 1 or clean["matched"][0] > 0  # a real choice, not the init everywhere
+    assert all(torch.equal(clean["twins"][k], dirty["twins"][k]) for k in clean["twins"])
+    assert {k: v for k, v in clean.items() if k != "twins"} == {k: v for k, v in dirty.items() if k != "twins"}
 
 
 def test_evaluate_command(tiny_zoo, tmp_path, capsys):

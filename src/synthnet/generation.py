@@ -60,13 +60,15 @@ def generate_networks(model, layout: TokenLayout, target_config: Mapping, input_
     where its parameters are) without gradients (GRPO recomputes log-probs of the stored
     trajectory with :func:`synthnet.sampling.step_log_probs`). ``noise_scale > 0`` samples each
     step around the prediction with ``rng`` and fills ``result.log_probs``. Returned state dicts
-    are on the CPU; ``result`` tensors stay on ``device``.
+    are on the CPU; ``result`` tensors stay on ``device``. ``seconds`` runs from the inits in hand
+    (drawing them is not timed) to the state dicts in hand.
     """
     if device is None:
         params = list(model.parameters()) if isinstance(model, nn.Module) else []
         device = params[0].device if params else torch.device("cpu")
-    start = time.perf_counter()
-    x0 = init_tokens(target_config, input_shape, num_classes, seeds, layout).to(device)
+    inits = [init_state_dict(target_config, input_shape, num_classes, int(s)) for s in seeds]
+    start = time.perf_counter()  # the clock starts with the inits in hand, as the SGD twins' does
+    x0 = tokenize({name: torch.stack([sd[name] for sd in inits]) for name in inits[0]}, layout).to(device)
     device_layout = layout.to(device)
     with torch.no_grad():
         result = sample(model, x0, device_layout, steps, noise_scale=noise_scale, generator=rng, times=times)

@@ -155,10 +155,12 @@ def evaluate_command(cfg: DictConfig) -> None:
     every = max(1, final_step // positive_int(cfg, "evaluate.twin_checkpoints"))
     bar.set_postfix_str(f"SGD twins ({final_step} steps)")
     inits = [init_state_dict(target_config, task.input_shape, task.num_classes, s) for s in seeds]
-    twins = train_twins(model, inits, seeds, task, Recipe(**{**recipe_fields, "checkpoint_every": every}))
+    group_size = None if cfg.zoo.group_size is None else positive_int(cfg, "zoo.group_size")
+    twins = train_twins(model, inits, seeds, task, Recipe(**{**recipe_fields, "checkpoint_every": every}),
+                        group_size=group_size)  # trained as the zoo trains this target
     bar.update(3)
-    log.info("twins: test accuracy %.4f after %d steps (%.1f s)", float(twins.test_accuracy[-1].mean()),
-             final_step, float(twins.gross_seconds[-1]))
+    log.info("twins: test accuracy %.4f after %d steps (%.1f s of training, %d at a time)",
+             float(twins.test_accuracy[-1].mean()), final_step, float(twins.seconds[-1].sum()), twins.group_size)
 
     baselines = build_baselines(zoo.finals, zoo.seeds, zoo.val_accuracy, specs, count_per_baseline=count,
                                 average_size=int(cfg.evaluate.average_size),
@@ -179,8 +181,9 @@ def evaluate_command(cfg: DictConfig) -> None:
     header = {"target": cfg.target.name, "target_config": target_config, "task": cfg.task.name,
               "generation_steps": steps, "networks_per_row": count, "evaluation_seeds": f"{seeds[0]}..{seeds[-1]}",
               "recipe": recipe_fields, "machine": machine(str(cfg.device)),
-              "timing": f"generation: median of {cfg.evaluate.timing_repeats} runs after a warm-up; twins: one run, "
-                        f"checkpoint every {every} steps",
+              "timing": f"from the inits in hand to the weights in hand; generation: median of "
+                        f"{cfg.evaluate.timing_repeats} runs after a warm-up; twins: one run, {twins.group_size} at "
+                        f"a time, checkpoint every {every} steps (checkpoint scoring not timed)",
               "command": reproduce_command(cfg, count, steps),
               "scoring_seconds": round(time.perf_counter() - start, 1)}
     paths = write_report(result, header, cfg.paths.reports_dir)

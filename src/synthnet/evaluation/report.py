@@ -78,23 +78,29 @@ def markdown(result: Mapping[str, Any], header: Mapping[str, Any]) -> str:
         for name, gen in result["generators"].items():
             lines.append(f"| {name} | " + " | ".join(headline_cells(gen)) + " |")
         lines += ["", "Novelty ratio (max IoU) below 1: the generated networks share fewer test errors with the "
-                  "zoo than the final SGD twins do; weakly accurate networks share few errors with anything, so "
-                  "'at matched accuracy' compares with each twin at the checkpoint where SGD first reached the "
-                  "generated network's accuracy. Weight novelty ratio above 1: farther from every zoo checkpoint "
-                  "than the twins. Time-to-accuracy ratio: twin training time to the same test accuracy / "
-                  "generation time (above 1: generating is faster).", ""]
+                  "zoo than the final SGD twins do. Less accurate networks make more, and more varied, errors, so "
+                  "their max IoU is lower whatever made them: 'at matched accuracy' compares with each twin at the "
+                  "checkpoint where its validation accuracy first reached the generated network's. Weight novelty "
+                  "ratio above 1: farther from every zoo checkpoint than the twins. 'Dominated by' compares novelty "
+                  "at equal accuracy too (each row's max IoU over SGD's at that row's accuracy). Time-to-accuracy "
+                  "ratio: twin training time per network to the same validation accuracy / generation time per "
+                  "network (above 1: generating is faster).", ""]
 
     lines += ["## Accuracy, novelty and diversity (test split; final step)", "",
-              "| networks | n | test accuracy | max IoU vs zoo | nearest zoo distance (aligned) | (unaligned) "
-              "| disagreement | pairwise IoU | pairwise distance (aligned) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| networks | n | test accuracy | max IoU vs zoo | / SGD's at this accuracy | nearest zoo distance (aligned) "
+              "| (unaligned) | disagreement | pairwise IoU | pairwise distance (aligned) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows(result):
+        at_sgd = row.get("at_sgd_accuracy") or {}
         lines.append(f"| {name} | {row['count']} | {_pm(row['test_accuracy'])} | {_pm(row['max_iou_vs_zoo'])} | "
+                     f"{_f(at_sgd.get('novelty_ratio'))}{'' if at_sgd.get('reached', True) else ' (above SGD)'} | "
                      f"{_pm(row['nearest_zoo_distance_aligned'])} | {_pm(row['nearest_zoo_distance_unaligned'])} | "
                      f"{_f(row['diversity_disagreement'])} | {_f(row['pairwise_iou'])} | "
                      f"{_f(row['pairwise_distance_aligned'])} |")
     lines += ["", "IoU: intersection over union of the sets of test examples two networks get wrong "
-              "(1 = the same mistakes). Distances are relative L2 (||a - b|| / ||b||) after Hungarian matching "
+              "(1 = the same mistakes). '/ SGD's at this accuracy': the row's max IoU over the SGD twins' at the "
+              "first checkpoint where their mean validation accuracy reaches the row's ('above SGD': never "
+              "reached, compared with the final twins). Distances are relative L2 (||a - b|| / ||b||) after Hungarian matching "
               "of hidden units.", ""]
 
     for name, gen in result["generators"].items():
@@ -122,12 +128,16 @@ def markdown(result: Mapping[str, Any], header: Mapping[str, Any]) -> str:
                   f"- SGD twins at matched accuracy (test {_pm(matched['test_accuracy'])}): max IoU vs zoo "
                   f"{_pm(matched['max_iou_vs_zoo'])}, aligned distance to the nearest zoo checkpoint "
                   f"{_pm(matched['nearest_zoo_distance_aligned'])}",
-                  f"- time to accuracy: generating {timing['networks']} networks took "
-                  f"{_f(timing['generation_seconds'], 4)} s; their twins needed {_pm(timing['twin_seconds_to_same_accuracy'], 3)} s "
-                  f"of training to reach each network's test accuracy ({timing['twins_reaching']}/{timing['networks']} "
-                  f"reached it; median ratio {_f(timing['ratio'], 1)}). Twin time excludes the measured "
-                  f"{_f(timing['twin_evaluation_seconds_per_checkpoint'], 4)} s of scoring per checkpoint.",
-                  f"- among the baselines: more accurate than {', '.join(place['more_accurate_than']) or 'none'}; "
+                  f"- time to accuracy (per network, from the inits in hand to the weights in hand): generating took "
+                  f"{_f(timing.get('generation_seconds_per_network'), 4)} s ({timing['networks']} networks in "
+                  f"{_f(timing['generation_seconds'], 4)} s); each twin needed {_pm(timing['twin_seconds_to_same_accuracy'], 4)} s "
+                  f"of training, trained {timing.get('twin_group_size', 1)} at a time as the zoo trains this target, "
+                  f"to first reach the network's validation accuracy ({timing['twins_reaching']}/{timing['networks']} "
+                  f"reached it; median ratio {_f(timing['ratio'], 1)}). Scoring the twins' checkpoints is not timed.",
+                  f"- max IoU vs zoo {_f(gen['max_iou_vs_zoo']['mean'])} against SGD's "
+                  f"{_f(gen['at_sgd_accuracy']['sgd_max_iou_vs_zoo'])} at the same validation accuracy (SGD step "
+                  f"{gen['at_sgd_accuracy']['twin_step']}): ratio {_f(gen['at_sgd_accuracy']['novelty_ratio'])}",
+                  f"- among the baselines (novelty compared at equal accuracy, see below): more accurate than {', '.join(place['more_accurate_than']) or 'none'}; "
                   f"more novel than {', '.join(place['more_novel_than']) or 'none'}; dominates "
                   f"{', '.join(place['dominates']) or 'none'}; dominated by {', '.join(place['dominated_by']) or 'none'}",
                   "- pruned test accuracy (smallest weights zeroed): " + "; ".join(
@@ -180,6 +190,10 @@ def plots(result: Mapping[str, Any], reports_dir: str | Path) -> list[Path]:
                 continue
             ax.scatter([x], [y], marker=marker, s=size)
             ax.annotate(name.replace("baseline: ", ""), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        curve = result["twins"].get("curve", {})
+        if key in curve:  # SGD along its training: the raw novelty a network of each accuracy shows anyway
+            ax.plot(curve[key], curve["test_accuracy"], "k-", lw=0.8, alpha=0.6, label="SGD twins during training")
+            ax.legend(fontsize=7, loc="lower left")
         for name, gen in result["generators"].items():  # the reference at the generator's own accuracy
             matched = gen["twins_at_matched_accuracy"]
             x, y = matched[key]["mean"], matched["test_accuracy"]["mean"]

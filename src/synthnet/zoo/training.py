@@ -10,6 +10,7 @@ updates; the summed loss has, for each run, the gradient of that run's own loss.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -62,6 +63,7 @@ class Checkpoint:
     val_accuracy: float
     test_loss: float
     test_accuracy: float
+    train_seconds: float = 0.0  # wall clock of training alone since the inits were handed over (no scoring, no callbacks)
 
 
 def make_optimizer(params: Sequence[torch.Tensor], recipe: Recipe) -> torch.optim.Optimizer:
@@ -80,7 +82,12 @@ def train_runs(model: nn.Module, inits: Sequence[Mapping[str, torch.Tensor]], se
                task: Task, recipe: Recipe, on_checkpoint: Callable[[Checkpoint], None],
                on_epoch: Callable[[int], None] | None = None) -> None:
     """Train one run per (init, seed) from step 0 and call ``on_checkpoint`` at step 0 and at
-    every checkpoint. ``model`` is only the architecture template for ``functional_call``."""
+    every checkpoint. ``model`` is only the architecture template for ``functional_call``.
+
+    Each checkpoint carries ``train_seconds``: wall time since this call started (the inits in
+    hand), minus the time spent scoring checkpoints and in the callbacks."""
+    start = time.perf_counter()
+    bookkeeping = 0.0  # seconds spent scoring and in callbacks: not training
     device = next(model.parameters()).device
     runs = len(seeds)
     params = {name: torch.stack([sd[name] for sd in inits]).to(device).requires_grad_(True) for name in inits[0]}
@@ -91,17 +98,22 @@ def train_runs(model: nn.Module, inits: Sequence[Mapping[str, torch.Tensor]], se
     x_test, y_test = task.x_test.to(device), task.y_test.to(device)
     n_train, per_epoch = len(y_train), steps_per_epoch(task, recipe)
 
-    def emit(step: int, train_losses: torch.Tensor) -> None:
+    def emit(step: int, train_losses: torch.Tensor | None) -> None:
+        nonlocal bookkeeping
+        entered = time.perf_counter()
+        trained = entered - start - bookkeeping if step > 0 else 0.0  # set-up counts toward the first steps
         detached = {k: v.detach() for k, v in params.items()}
+        if train_losses is None:  # step 0: the init's own training loss
+            train_losses = accuracy_and_loss(model, detached, x_train, y_train)[1]
         val_acc, val_loss = accuracy_and_loss(model, detached, x_val, y_val)
         test_acc, test_loss = accuracy_and_loss(model, detached, x_test, y_test)
         for i, state in enumerate(unstack_state_dict(detached)):
             on_checkpoint(Checkpoint(int(seeds[i]), step, step / per_epoch, {k: v.clone().cpu() for k, v in state.items()},
                                      float(train_losses[i]), float(val_loss[i]), float(val_acc[i]),
-                                     float(test_loss[i]), float(test_acc[i])))
+                                     float(test_loss[i]), float(test_acc[i]), trained))
+        bookkeeping += time.perf_counter() - entered
 
-    _, initial_train_loss = accuracy_and_loss(model, {k: v.detach() for k, v in params.items()}, x_train, y_train)
-    emit(0, initial_train_loss)
+    emit(0, None)
     step, last_saved = 0, 0
     running, running_count = torch.zeros(runs, device=device), 0
     for epoch in range(1, int(recipe.epochs) + 1):
