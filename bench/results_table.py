@@ -68,7 +68,8 @@ def timed(times: dict[str, dict[str, float]], stage: str, argv: list[str]) -> No
 def pipeline(root: Path, folder: str, overrides: list[str], stage_overrides: dict[str, list[str]],
              args: argparse.Namespace) -> None:
     """zoo -> imitation (each generator) -> task [-> task from scratch] [-> GRPO from the task generator]
-    -> evaluate, with the wall and CPU seconds of each stage in ``<root>/<folder>/stage_times.json``."""
+    -> evaluate, with the wall and CPU seconds of each stage in ``<root>/<folder>/stage_times.json``
+    (stages this call does not run keep the times of their last run)."""
     common = [f"paths.root={root}", f"seed={args.seed}", "progress=false", *args.override]
     times: dict[str, dict[str, float]] = {}
     imitation_overrides = stage_overrides.get("imitation", [])
@@ -95,7 +96,9 @@ def pipeline(root: Path, folder: str, overrides: list[str], stage_overrides: dic
                                            f"method.source={source}"])
     timed(times, "evaluate", ["evaluate", *overrides, *common, f"evaluate.count={args.count}"])
     from synthnet.storage import atomic_write_bytes
-    atomic_write_bytes(root / folder / "stage_times.json", json.dumps(times, indent=1).encode())
+    path = root / folder / "stage_times.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}  # stages not re-run keep their last times
+    atomic_write_bytes(path, json.dumps({**earlier, **times}, indent=1).encode())
 
 
 def _f(value, digits: int = 3) -> str:
@@ -128,14 +131,18 @@ def table(root: Path, command: str, settings: list[str]) -> str:
                 lines.append(f"| {label} | baseline: {name} | {_f(row['test_accuracy']['mean'])} ± "
                              f"{_f(row['test_accuracy']['std'])} | {_f(row['test_accuracy']['mean'] / twins['test_accuracy']['mean'])} "
                              f"| {_f(row['max_iou_vs_zoo']['mean'] / twins['max_iou_vs_zoo']['mean'])} | "
+                             f"{_f((row.get('at_sgd_accuracy') or {}).get('novelty_ratio'))} "
                              f"| {_f(row['nearest_zoo_distance_aligned']['mean'] / twins['nearest_zoo_distance_aligned']['mean'])} "
                              f"| | {_f(row['diversity_disagreement'] / twins['diversity_disagreement'])} | | | |")
     lines += ["", "Ratios are generated / SGD twin (twins: the target trained with the zoo's recipe from the same "
-              "inits). Novelty ratio (max error-set IoU with any zoo final) below 1: fewer test errors shared with the "
-              "zoo than an independent SGD run; 'at matched accuracy' compares with each twin where SGD first reached "
-              "the generated network's accuracy. Weight novelty ratio (aligned distance to the nearest zoo checkpoint) "
-              "above 1: farther from the zoo. Time-to-accuracy ratio = twin training time to the same test accuracy "
-              "/ generation time (above 1: generating is faster).", "",
+              "inits, as the zoo trains it). Novelty ratio (max error-set IoU with any zoo final) below 1: fewer test "
+              "errors shared with the zoo than an independent SGD run. Less accurate networks share fewer errors "
+              "with anything, so 'at matched accuracy' compares with each twin at the checkpoint where its "
+              "validation accuracy first reached the generated network's (baselines: the twins where their mean "
+              "validation accuracy reaches the baseline's), and 'dominated by' uses that matched ratio. Weight "
+              "novelty ratio (aligned distance to the nearest zoo checkpoint) above 1: farther from the zoo. "
+              "Time-to-accuracy ratio = twin training seconds per network to the same validation accuracy / "
+              "generation seconds per network, both from the inits in hand (above 1: generating is faster).", "",
               f"Reproduce: `{command}`", "", f"Machine: {'; '.join(sorted(machines))}"]
     stage_rows = []
     for label, folder, _, _ in [s for s in SETTINGS if s[1] in settings]:
