@@ -78,6 +78,45 @@ def test_pipeline_smoke_runs_every_stage_with_the_default_curriculum(tmp_path, c
     report = json.loads((target_dir / "reports" / "report.json").read_text())
     assert set(report["generators"]) == {"perceiver_moe-imitation", "perceiver_moe-task"}
     assert (target_dir / "reports" / "report.md").is_file()
+    assert all(row["count"] == 3 for row in report["generators"].values())  # experiment=smoke: 3 per row
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from synthnet.generation import generate_networks, target_layout
+    from synthnet.generators import load_generator
+    from synthnet.storage import read_metadata
+    from synthnet.targets import build_target
+    from synthnet.tasks import build_task
+
+    imitation = read_metadata(target_dir / "generators" / "perceiver_moe-imitation.safetensors")
+    task_header = read_metadata(target_dir / "generators" / "perceiver_moe-task.safetensors")
+    assert imitation["finished"] is True and task_header["finished"] is True and task_header["method"] == "task"
+    assert task_header["source_fingerprint"] == imitation["fingerprint"]  # the task loss started from that file
+    steps = [json.loads(line)["step"] for line in
+             (target_dir / "generators" / "perceiver_moe-task.metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 6
+
+    # the generated files are plain safetensors of the target, reproducible from their seeds, and their
+    # headers' accuracy is the network's
+    files = sorted((target_dir / "generated" / "perceiver_moe-task").glob("*.safetensors"))
+    task = build_task({"name": "digits"}, tmp_path / "data")
+    target = task_header["target_config"]
+    model = build_target(target, task.input_shape, task.num_classes)
+    loaded = load_generator(target_dir / "generators" / "perceiver_moe-task.safetensors")
+    _, layout = target_layout(target, task.input_shape, task.num_classes, loaded.chunk_size)
+    seeds = [int(read_metadata(f)["seed"]) for f in files]
+    again = generate_networks(loaded.model, layout, target, task.input_shape, task.num_classes, seeds,
+                              int(read_metadata(files[0])["steps"]))
+    for i, path in enumerate(files):
+        weights = load_file(path)
+        model.load_state_dict(weights)
+        assert all(torch.allclose(weights[k], again.state_dicts[-1][k][i], atol=1e-6) for k in weights)
+        with torch.no_grad():
+            accuracy = float((model(task.x_test).argmax(1) == task.y_test).float().mean())
+        with safe_open(path, "pt") as handle:
+            assert json.loads(handle.metadata()["test_accuracy"]) == pytest.approx(accuracy, abs=1e-6)
 
 
 def test_pipeline_rejects_unknown_stage(tmp_path, capsys):

@@ -379,3 +379,23 @@ def test_results_table_needs_markers_and_fills_them(tmp_path):
     assert "old" not in text and text.startswith("# title\n") and text.endswith(f"{bench.END}\ntail\n")
     assert "| digits MLP | g | 0.900 ± 0.010 | 0.500 |" in text and "(insensitive)" in text
     assert "Machine: test machine" in text and "Reproduce: `python bench/results_table.py" in text
+
+
+def test_cnn_end_to_end_through_evaluate(tmp_path, capsys):
+    """zoo -> imitation -> evaluate for a small digits CNN: twins trained one at a time (as its zoo), and a
+    report whose twin row reproduces the zoo's recipe on the twins' own inits."""
+    from synthnet.cli import main
+
+    common = ["experiment=smoke", "target=cnn", "target.channels=[4]", "target.fc=[]", f"paths.root={tmp_path}",
+              "progress=false"]
+    assert main(["zoo", *common]) == 0
+    assert main(["train", *common]) == 0
+    assert main(["evaluate", *common]) == 0
+    assert "| perceiver_moe-imitation |" in capsys.readouterr().out
+    report = json.loads((tmp_path / "digits-cnn" / "reports" / "report.json").read_text())
+    gen = report["generators"]["perceiver_moe-imitation"]
+    assert gen["count"] == 3 and gen["time_to_accuracy"]["twin_group_size"] == 1
+    assert len(gen["per_step"]) == 3 and 0.0 <= gen["test_accuracy"]["mean"] <= 1.0
+    assert report["twins"]["test_accuracy"]["mean"] > 0.5  # 2 epochs of Adam on digits
+    assert report["twins"]["curve"]["group_size"] == 1
+    assert report["header"]["target_config"]["channels"] == [4]

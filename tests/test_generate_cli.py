@@ -89,3 +89,27 @@ def test_unfinished_generator_is_refused_by_generate_and_evaluate(tiny_zoo, tmp_
     assert main(["evaluate", *_args(tiny_zoo, tmp_path, "evaluate.count=2")]) == 2
     assert "unfinished training" in capsys.readouterr().err
     assert not (tmp_path / "digits-mlp" / "reports").exists()
+
+
+def test_every_command_refuses_a_generator_for_another_target_or_task(tiny_zoo, tmp_path, capsys):
+    """generate, evaluate, GRPO and the task method share one fit check; each refuses in one line and
+    writes nothing."""
+    assert main(["train", *_args(tiny_zoo, tmp_path)]) == 0
+    path = tmp_path / "digits-mlp" / "generators" / "perceiver_moe-imitation.safetensors"
+    other = tmp_path / "other"
+    commands = {
+        "generate": ["generate", f"generate.generator={path}"],
+        "evaluate": ["evaluate", f"evaluate.generators=[{path}]"],
+        "grpo": ["train", "method=grpo", f"method.source={path}", "method.iterations=1"],
+        "task": ["train", "method=task", f"method.source={path}", "method.steps=2"],
+    }
+    capsys.readouterr()
+    for name, command in commands.items():
+        for wrong, message in ((["target.hidden=[8]"], "was trained for target"),
+                               (["target.hidden=[16]", "task=mnist1d", "task.num_samples=400"],
+                                "was trained on task 'digits'")):
+            args = [command[0], "experiment=smoke", f"paths.root={other}", "progress=false", *wrong, *command[1:]]
+            assert main(args) == 2, (name, wrong)
+            err = capsys.readouterr().err.strip()
+            assert message in err and len(err.splitlines()) == 1, (name, wrong, err)
+    assert not other.exists() or not any(p.is_file() for p in other.rglob("*") if "data" not in p.parts)

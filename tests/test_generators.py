@@ -101,22 +101,96 @@ def test_true_hidden_permutation_is_not_exactly_equivariant():
     assert error < unrelated  # ... but far closer than another network's output
 
 
-def test_messages_follow_the_connections():
-    """With neuron messages, moving hidden rows without their outgoing weights is a different network."""
-    _, layout, model, tokens, _ = _setup(neuron_messages=True)
-    index = token_permutation(layout, [torch.randperm(12), torch.arange(8)])
+@pytest.mark.parametrize("neuron_messages", [True, False])
+def test_messages_follow_the_connections(neuron_messages):
+    """Changing hidden unit j's outgoing weights changes what the generator writes for unit j's
+    incoming weights more than for any other unit's (messages run along the connections);
+    without messages the change reaches every unit alike, through the latents."""
+    from synthnet.tokenization import detokenize
+
+    template, layout, model, tokens, _ = _setup(neuron_messages=neuron_messages)
+    first, second = template.layer_specs()[:2]
+    state = detokenize(tokens[:1], layout)
+    j = 5
+    nudged = {k: v.clone() for k, v in state.items()}
+    nudged[second.weight][0, :, j] += 3.0  # unit j's outgoing weights (a column of the next layer)
     with torch.no_grad():
-        out = model(tokens, *_times(3), layout)
-        out_perm = model(tokens[:, index], *_times(3), layout)
-    assert not torch.allclose(out_perm, out[:, index], atol=1e-4)
+        out = detokenize(model(tokens[:1], *_times(1), layout), layout)
+        moved = detokenize(model(tokenize(nudged, layout), *_times(1), layout), layout)
+    change = (moved[first.weight][0] - out[first.weight][0]).abs().sum(1)  # per unit of the first layer
+    others = torch.cat([change[:j], change[j + 1:]])
+    assert others.max() > 0  # the latents carry some of it everywhere
+    if neuron_messages:  # unit j moves most, about twice the others' mean or more
+        assert int(change.argmax()) == j and change[j] > 1.5 * others.mean()
+    else:  # no route from unit j's outgoing weights to its incoming ones: j is like any other unit
+        assert change[j] < 1.3 * others.mean()
 
 
-def test_same_generator_runs_on_unseen_widths_and_depths():
-    _, _, model, _, _ = _setup()
-    for hidden in ([20], [6, 6, 6]):
-        _, layout = target_layout({**TARGET, "hidden": hidden}, (1, 8, 8), 10, 16)
-        out = model(torch.randn(2, layout.num_tokens, 16) * layout.mask, *_times(2), layout)
-        assert out.shape == (2, layout.num_tokens, 16) and torch.isfinite(out).all()
+@pytest.fixture(scope="module")
+def width_trained(digits_task, tiny_zoo):
+    """A small generator trained on digits MLPs 64-16-10 only: imitation on the tiny zoo, then the task loss
+    on fresh inits (the curriculum of ``synthnet train``)."""
+    from synthnet.generation import init_tokens
+    from synthnet.methods.data import load_zoo_tokens
+    from synthnet.methods.imitation import EMA, ImitationSettings, layer_value_weights, lr_factor, train_imitation
+    from synthnet.methods.task import TaskSettings, task_step
+
+    target_config = tiny_zoo["target"]
+    assert target_config["hidden"] == [16]
+    target, layout = target_layout(target_config, digits_task.input_shape, digits_task.num_classes, 32)
+    torch.manual_seed(0)
+    model = build_generator({"name": "perceiver_moe", "chunk_size": 32, "d_model": 32, "num_latents": 8,
+                             "num_blocks": 1, "num_heads": 2, "num_experts": 2, "top_k": 1, "time_dim": 16,
+                             "message_rank": 8}, layout)
+    zoo = load_zoo_tokens(tiny_zoo["checkpoints_dir"], layout, target.layer_specs(), target.state_dict(),
+                          target_config=target_config)
+    train_imitation(model, torch.optim.AdamW(model.parameters(), lr=3e-3), zoo,
+                    ImitationSettings(steps=60, batch_size=12, lr=3e-3, warmup_steps=5, noise_std=0.0),
+                    ema=EMA(model, 0.0))
+    settings = TaskSettings(inits_per_step=4, batch_size=128, generation_steps=2, anchor_weight=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    weights = layer_value_weights(layout)
+    data = torch.Generator().manual_seed(0)
+    model.train()
+    for step in range(STEPS_UNSEEN):
+        for group in optimizer.param_groups:
+            group["lr"] = 2e-3 * lr_factor(step, STEPS_UNSEEN, 10, 0.1)
+        inits = init_tokens(target_config, digits_task.input_shape, digits_task.num_classes,
+                            range(4_000_000 + 4 * step, 4_000_004 + 4 * step), layout)
+        index = torch.randint(0, len(digits_task.y_train), (128,), generator=data)
+        result = task_step(model, None, inits, layout, target, digits_task.x_train[index],
+                           digits_task.y_train[index], settings, weights)
+        optimizer.zero_grad()
+        result.loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+STEPS_UNSEEN = 300
+
+
+def _val_accuracy(model, hidden, digits_task):
+    from synthnet.evaluation.scoring import accuracy_and_loss
+
+    target_config = {"name": "mlp", "hidden": hidden, "activation": "relu"}
+    template, layout = target_layout(target_config, digits_task.input_shape, digits_task.num_classes, 32)
+    out = generate_networks(model, layout, target_config, digits_task.input_shape, digits_task.num_classes,
+                            range(5_000_000, 5_000_008), 2)
+    return float(accuracy_and_loss(template, out.state_dicts[-1], digits_task.x_val, digits_task.y_val)[0].mean())
+
+
+def test_generator_trained_on_one_width_serves_unseen_widths(width_trained, digits_task):
+    """Tokens describe units, not positions in a fixed vector: a generator trained on 16 hidden units
+    makes networks far above chance (0.1) with 12, 24 and 32 (held-out inits, validation split; measured
+    when written: 0.72 on 16, 0.50-0.56 on the others)."""
+    assert _val_accuracy(width_trained, [16], digits_task) > 0.6
+    for hidden in ([12], [24], [32]):
+        assert _val_accuracy(width_trained, hidden, digits_task) > 0.4, hidden
+
+
+@pytest.mark.xfail(strict=True, reason="depth does not transfer yet: 64-16-16-10 stays at chance, 0.05 (issue 9)")
+def test_generator_trained_on_one_depth_serves_an_unseen_depth(width_trained, digits_task):
+    assert _val_accuracy(width_trained, [16, 16], digits_task) > 0.4
 
 
 def test_every_expert_takes_part_and_usage_is_reported():

@@ -109,15 +109,16 @@ def test_rollout_log_probs_are_exact_and_recomputed(toy_layout):
     assert torch.allclose(recomputed, batch.log_probs, atol=1e-5)
 
 
-def _toy_run(toy_layout, beta: float, iterations: int = 12):
+def _toy_run(toy_layout, beta: float, iterations: int = 12, minibatch_size: int = 0, policy=None):
     torch.manual_seed(0)
     tokens, chunk = toy_layout.num_tokens, toy_layout.chunk_size
     mask = toy_layout.mask.float()
     target = torch.randn(tokens, chunk) * mask
-    policy = ShiftDenoiser(tokens, chunk)
+    policy = policy or ShiftDenoiser(tokens, chunk)
     reference = ShiftDenoiser(tokens, chunk)
     optimizer = torch.optim.Adam(policy.parameters(), lr=0.1)
-    settings = GRPOSettings(inits_per_iteration=2, group_size=8, steps=2, noise_scale=0.3, inner_epochs=2, beta=beta)
+    settings = GRPOSettings(inits_per_iteration=2, group_size=8, steps=2, noise_scale=0.3, inner_epochs=2, beta=beta,
+                            minibatch_size=minibatch_size)
 
     def reward_fn(final):  # minus the distance of the generated weights to a fixed vector
         return -(((final - target) * mask) ** 2).sum((1, 2))
@@ -143,6 +144,37 @@ def test_grpo_moves_deterministic_output_toward_known_optimum(toy_layout):
     for key in ("reward_mean", "reward_max", "reward_std", "tie_fraction", "kl", "clip_fraction", "seconds"):
         assert math.isfinite(history[-1][key])
     assert history[-1]["kl"] > 0  # the policy left the frozen reference
+
+
+def test_minibatches_split_each_epoch_over_all_candidates(toy_layout):
+    """minibatch_size=4 with 16 candidates and 2 inner epochs: 8 gradient steps of 4 candidates, each
+    epoch seeing every candidate once; the policy still climbs the reward."""
+
+    class Spy(ShiftDenoiser):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.seen = []
+
+        def forward(self, tokens, t_source, t_target, layout):
+            if torch.is_grad_enabled():  # the update's recomputation, not the rollout
+                self.seen.append(tokens.detach().clone())
+            return super().forward(tokens, t_source, t_target, layout)
+
+    spy = Spy(toy_layout.num_tokens, toy_layout.chunk_size)
+    before, after, _ = _toy_run(toy_layout, beta=0.0, iterations=6, minibatch_size=4, policy=spy)
+    assert after < 0.85 * before
+    steps = 2  # generation steps: one policy call each per minibatch
+    first_iteration = spy.seen[:8 * steps]
+    assert [len(x) for x in first_iteration] == [4] * (8 * steps)
+    noisy = first_iteration[1::steps]  # each minibatch's states after the first (noisy) step: one per candidate
+    epochs = [torch.cat(noisy[:4]).flatten(1), torch.cat(noisy[4:]).flatten(1)]
+    for rows in epochs:  # each epoch: the 16 candidates, each once
+        assert len(torch.unique(rows, dim=0)) == 16
+    assert torch.equal(torch.unique(epochs[0], dim=0), torch.unique(epochs[1], dim=0))
+    assert not torch.equal(epochs[0], epochs[1])  # in another order
+    full = Spy(toy_layout.num_tokens, toy_layout.chunk_size)
+    _toy_run(toy_layout, beta=0.0, iterations=1, minibatch_size=0, policy=full)
+    assert [len(x) for x in full.seen] == [16] * (2 * steps)  # 0 = all candidates in one step per epoch
 
 
 def test_kl_penalty_holds_policy_near_reference(toy_layout):
@@ -282,9 +314,15 @@ def test_cli_trains_imitation_then_grpo_on_tiny_zoo(tmp_path, tiny_zoo, capsys):
     assert header["imitation_fingerprint"] == read_metadata(imitation)["fingerprint"]
     assert load_generator(tuned).config == load_generator(imitation).config
     assert "grpo:" in capsys.readouterr().out
+    from synthnet.storage import load_state_dict
+    start, _ = load_state_dict(imitation)
+    once, _ = load_state_dict(tuned)
+    assert any(not torch.equal(start[k], once[k]) for k in start)  # the iteration changed the generator
     # raising the iteration count resumes the same file
     assert main(["train", *overrides[:-1], "method.iterations=2", "progress=false"]) == 0
-    assert read_metadata(tuned)["grpo_iteration"] == 2
+    assert read_metadata(tuned)["grpo_iteration"] == 2 and read_metadata(tuned)["finished"] is True
+    twice, _ = load_state_dict(tuned)
+    assert any(not torch.equal(once[k], twice[k]) for k in once)  # and the second one again
 
 
 def test_grpo_reward_suffix_and_missing_imitation(tmp_path):

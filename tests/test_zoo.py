@@ -82,7 +82,7 @@ def _zoo_cli(prefix: list[str], root: Path) -> None:
 
 def test_torchrun_two_processes_write_the_same_files_as_one(tmp_path):
     _zoo_cli([sys.executable, "-m", "synthnet"], tmp_path / "one")
-    _zoo_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    _zoo_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # a free port
               "-m", "synthnet"], tmp_path / "two")
     one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.safetensors"))
     two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.safetensors"))

@@ -123,6 +123,11 @@ def evaluate_command(cfg: DictConfig) -> None:
     model = build_target(target_config, task.input_shape, task.num_classes).to(device)
     specs = model.layer_specs()
     files = generator_files(cfg)
+    loaded_files = []
+    for path in files:  # every generator must fit before any work starts
+        loaded = load_generator(path, device)
+        check_generator_matches(path, loaded, target_config, task_config)
+        loaded_files.append((path, loaded))
     zoo, recipe_fields = load_zoo(cfg, model, pool)
     seeds = list(range(int(cfg.evaluate.first_seed), int(cfg.evaluate.first_seed) + count))
     log.info("%s; zoo of %d runs; %d evaluation inits from seed %d; %d generator(s)", task.summary(),
@@ -131,10 +136,8 @@ def evaluate_command(cfg: DictConfig) -> None:
     bar = tqdm(total=stages, desc="evaluate", disable=not cfg.progress, leave=False)
 
     generated = []
-    for path in files:
+    for path, loaded in loaded_files:
         bar.set_postfix_str(f"generate {path.stem}")
-        loaded = load_generator(path, device)
-        check_generator_matches(path, loaded, target_config, task_config)
         _, layout = target_layout(target_config, task.input_shape, task.num_classes, loaded.chunk_size)
         check_layout(layout, loaded.metadata.get("num_tokens"), str(path))
         try:
