@@ -333,3 +333,38 @@ def test_grpo_reward_suffix_and_missing_imitation(tmp_path):
     assert grpo_path(cfg).name == "perceiver_moe-grpo-pruned_val_accuracy.safetensors"
     with pytest.raises(SynthNetError, match="synthnet train method=imitation"):
         train_grpo(cfg)
+
+
+def test_interrupted_grpo_leaves_no_generator_file_and_resumes_exactly(tmp_path, monkeypatch):
+    """Resume state in <generators>/resume/<name> like every method; the generator file appears once, finished."""
+    import synthnet.methods.grpo as grpo_module
+    from synthnet.commands.train import resume_path
+    from synthnet.commands.train_grpo import grpo_path, train_grpo
+    from synthnet.storage import load_state_dict, read_metadata
+
+    straight = _grpo_config(tmp_path / "a", "method.iterations=2", "method.save_every=1")
+    _write_imitation_stand_in(straight)
+    finished = train_grpo(straight)
+
+    cfg = _grpo_config(tmp_path / "b", "method.iterations=2", "method.save_every=1")
+    _write_imitation_stand_in(cfg)
+    real = grpo_module.train
+
+    def interrupted(*args, on_iteration=None, **kwargs):
+        def stop_after_one(iteration, stats):
+            on_iteration(iteration, stats)
+            raise KeyboardInterrupt
+        return real(*args, on_iteration=stop_after_one, **kwargs)
+
+    monkeypatch.setattr(grpo_module, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_grpo(cfg)
+    path = grpo_path(cfg)
+    assert not path.exists()  # nothing unfinished where evaluate looks
+    assert read_metadata(resume_path(path))["grpo_iteration"] == 1
+    monkeypatch.setattr(grpo_module, "train", real)
+    resumed = train_grpo(cfg)
+    assert read_metadata(resumed)["finished"] is True and read_metadata(resumed)["grpo_iteration"] == 2
+    a, _ = load_state_dict(finished)
+    b, _ = load_state_dict(resumed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

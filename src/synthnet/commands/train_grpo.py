@@ -7,10 +7,12 @@ Runs :func:`synthnet.methods.grpo.train` with the reward of ``configs/reward/`` 
 ``train.output`` (default ``<generator>-grpo.safetensors``, or
 ``<generator>-grpo-<reward>.safetensors`` for a reward other than ``val_accuracy``): an
 ordinary generator file whose header also records ``method: grpo``, the reward and its
-options, the iteration reached and the imitation file it started from. The Adam state
-lives in ``<generators_dir>/state/<stem>.resume.safetensors`` (a subfolder, so it is
-never mistaken for a generator); with ``train.resume`` a run continues exactly where it
-stopped, and raising ``method.iterations`` continues a finished one. Per-iteration records
+options, the iteration reached and the imitation file it started from. Like every method, the
+generator file is written once, finished; until then the policy and its Adam state live in
+``<generators_dir>/resume/<name>`` (:func:`synthnet.commands.train.resume_path`), where
+``evaluate`` never looks. With ``train.resume`` a run continues exactly where it stopped; GRPO
+keeps that state after finishing, so raising ``method.iterations`` continues exactly too.
+Per-iteration records
 go to ``<stem>.metrics.jsonl`` beside the generator and to TensorBoard
 (``<target_dir>/tensorboard/<stem>``); the reward curve to ``<reports_dir>/<stem>-reward.png``.
 """
@@ -62,26 +64,26 @@ def metrics_path(path: Path) -> Path:
     return path.with_name(f"{stem_of(path)}.metrics.jsonl")
 
 
-def resume_state_path(path: Path) -> Path:
-    return path.parent / "state" / f"{stem_of(path)}.resume.safetensors"
+# --------------------------------------------------------------------------- resume state (safetensors)
 
 
-# --------------------------------------------------------------------------- optimiser state (safetensors)
-
-
-def save_optimizer(path: Path, optimizer: torch.optim.Optimizer, metadata: Mapping[str, Any]) -> None:
-    """Adam's per-parameter tensors (imitation's flat naming, no pickling), atomically."""
+def save_resume_state(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      metadata: Mapping[str, Any]) -> None:
+    """The policy's weights and Adam's per-parameter tensors (imitation's flat naming, no pickling), atomically."""
     from synthnet.methods.imitation import optimizer_tensors
 
-    save_state_dict(path, optimizer_tensors(optimizer) or {"empty": torch.zeros(1)}, metadata)
+    tensors = {**{f"model.{k}": v for k, v in policy.state_dict().items()},
+               **{f"optimizer.{k}": v for k, v in optimizer_tensors(optimizer).items()}}
+    save_state_dict(path, tensors, metadata)
 
 
-def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+def load_resume_state(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     from synthnet.methods.imitation import load_optimizer_tensors
 
     tensors, _ = load_state_dict(path)
-    tensors.pop("empty", None)
-    load_optimizer_tensors(optimizer, tensors)
+    policy.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    load_optimizer_tensors(optimizer, {k.removeprefix("optimizer."): v for k, v in tensors.items()
+                                       if k.startswith("optimizer.")})
 
 
 # --------------------------------------------------------------------------- logs and plot
@@ -195,33 +197,35 @@ def train_grpo(cfg: DictConfig) -> Path:
     reward = Reward(cfg.reward.name, model, task.x_val.to(device), task.y_val.to(device), reward_options,
                     scoring=str(cfg.method.get("scoring", "batched")))
 
+    from synthnet.commands.train import resume_path
+
     out_path = grpo_path(cfg)
     stem = stem_of(out_path)
-    optimizer_path = resume_state_path(out_path)
+    state_path = resume_path(out_path)
     jsonl_path = metrics_path(out_path)
 
     policy = imitation.model
     reference = copy.deepcopy(imitation.model)
     optimizer = torch.optim.Adam(policy.parameters(), lr=float(cfg.method.lr), weight_decay=float(cfg.method.weight_decay))
     start = 0
-    if cfg.get("train", {}).get("resume", True) and out_path.exists():
-        metadata = read_metadata(out_path)
+    resume = bool(cfg.get("train", {}).get("resume", True))
+    found = state_path if resume and state_path.exists() else out_path if resume and out_path.exists() else None
+    if found is not None:
+        metadata = read_metadata(found)
         if metadata.get("method") != "grpo" or metadata.get("reward") != cfg.reward.name:
-            raise SynthNetError(f"{out_path} is not a GRPO generator for reward {cfg.reward.name}; remove it "
+            raise SynthNetError(f"{found} is not a GRPO generator for reward {cfg.reward.name}; remove it "
                                 f"or pass train.resume=false to start over")
         if metadata.get("imitation_fingerprint") != imitation.metadata.get("fingerprint"):
-            raise SynthNetError(f"{out_path} was tuned from another version of {source.name}; remove it "
+            raise SynthNetError(f"{found} was tuned from another version of {source.name}; remove it "
                                 f"or pass train.resume=false to start over")
-        policy = load_generator(out_path, device).model
-        optimizer = torch.optim.Adam(policy.parameters(), lr=float(cfg.method.lr),
-                                     weight_decay=float(cfg.method.weight_decay))
         start = int(metadata.get("grpo_iteration", 0))
-        if optimizer_path.exists() and read_metadata(optimizer_path).get("grpo_iteration") == start:
-            load_optimizer(optimizer_path, optimizer)
-        else:
-            log.warning("no optimiser state for iteration %d beside %s; Adam restarts", start, out_path.name)
-        log.info("resuming GRPO from iteration %d of %d (%s)", start, iterations, out_path)
-    if start >= iterations:
+        if found == state_path:
+            load_resume_state(state_path, policy, optimizer)
+        else:  # a finished file without its state (removed by hand): its weights, a fresh Adam
+            policy.load_state_dict(load_generator(out_path, device).model.state_dict())
+            log.warning("no resume state for iteration %d of %s; Adam restarts", start, out_path.name)
+        log.info("resuming GRPO from iteration %d of %d (%s)", start, iterations, found)
+    if start >= iterations and out_path.exists():
         log.info("%s already holds %d GRPO iterations; nothing to do (raise method.iterations to go on)",
                  out_path, start)
         return out_path
@@ -254,9 +258,10 @@ def train_grpo(cfg: DictConfig) -> Path:
 
     def save(iteration: int) -> None:
         meta = {**header, "grpo_iteration": iteration, "finished": iteration >= iterations}
-        save_optimizer(optimizer_path, optimizer, meta)
-        save_generator(out_path, policy, config=imitation.config, target_config=imitation.target_config,
-                       task_config=imitation.task_config, chunk_size=imitation.chunk_size, extra=meta)
+        save_resume_state(state_path, policy, optimizer, meta)
+        if iteration >= iterations:  # the generator file is written once, finished
+            save_generator(out_path, policy, config=imitation.config, target_config=imitation.target_config,
+                           task_config=imitation.task_config, chunk_size=imitation.chunk_size, extra=meta)
 
     def on_iteration(iteration: int, stats: dict[str, float]) -> None:
         record = {"iteration": iteration + 1, "reward": cfg.reward.name, **stats}
@@ -279,6 +284,8 @@ def train_grpo(cfg: DictConfig) -> Path:
                    progress=bool(cfg.progress))
     finally:
         writer.close()
+    if not out_path.exists():  # the resume state was finished but its generator file was missing
+        save(max(start, iterations))
     records = read_records(jsonl_path)
     plot_reward_curve(records, Path(cfg.paths.reports_dir) / f"{stem}-reward.png",
                       title=f"GRPO on {cfg.task.name}-{cfg.target.name}: {cfg.reward.name}")
