@@ -71,6 +71,12 @@ def test_train_resumes_after_an_interruption(tiny_zoo, tmp_path, monkeypatch):
     a = load_file(str(tmp_path / "straight" / "digits-mlp" / "generators" / "perceiver_moe-imitation.safetensors"))
     b = load_file(str(folder / "perceiver_moe-imitation.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    import json  # the resumed log holds each step once, like the straight run's
+
+    def steps_logged(root):
+        path = root / "digits-mlp" / "generators" / "perceiver_moe-imitation.metrics.jsonl"
+        return [(json.loads(line)["step"], sorted(json.loads(line))) for line in path.read_text().splitlines()]
+    assert steps_logged(tmp_path / "resumed") == steps_logged(tmp_path / "straight")
     # a finished generator with the same settings is not retrained
     assert main(["train", *_args(tiny_zoo, tmp_path / "resumed", *steps)]) == 0
 

@@ -158,3 +158,32 @@ def test_ema_tracks_the_parameters_and_copies_the_buffers():
         model.weight.fill_(-1.0)
     follower.update(model)
     assert torch.equal(follower.model.weight, model.weight)  # decay 0: the model itself
+
+
+def test_consistency_loss_auxiliary_term_comes_from_the_forwards_with_gradients(zoo):
+    """``consistency_loss`` = per-layer MSE(two steps, one step) + the mean MoE auxiliary loss of the two
+    forwards that carry gradients (not of the no_grad target forward)."""
+    from synthnet.methods.imitation import consistency_loss, sample_triplets
+
+    torch.manual_seed(0)
+    model = build_generator({"name": "perceiver_moe", "d_model": 32, "num_latents": 8, "num_blocks": 1,
+                             "num_experts": 4, "top_k": 1}, zoo.layout)
+    with torch.no_grad():  # leave the identity-at-init state so the three forwards differ
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    weights = layer_value_weights(zoo.layout)
+    loss = consistency_loss(model, zoo, 6, torch.Generator().manual_seed(3), zoo.layout, weights, torch.device("cpu"))
+    run, i1, i2, i3 = sample_triplets(zoo.times, 6, torch.Generator().manual_seed(3))
+    source = zoo.tokens[run, i1]
+    t1, t2, t3 = (zoo.times[run, i] for i in (i1, i2, i3))
+    first = model(source, t1, t2, zoo.layout)
+    aux_first = model.auxiliary_loss()
+    two = model(first, t2, t3, zoo.layout)
+    aux_two = model.auxiliary_loss()
+    with torch.no_grad():
+        one = model(source, t1, t3, zoo.layout)
+    aux_target = model.auxiliary_loss()
+    mse = layer_mse(two, one, weights)
+    assert torch.allclose(loss, mse + (aux_first + aux_two) / 2, atol=1e-6)
+    assert not torch.allclose(aux_target, (aux_first + aux_two) / 2)  # the test tells them apart
+    assert loss.requires_grad
