@@ -86,3 +86,58 @@ def test_failed_write_keeps_the_old_file(tmp_path, model, monkeypatch):
         save_state_dict(path, model.state_dict(), {"step": 2})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_a_file_of_another_dtype_is_refused_not_cast(tmp_path, model):
+    path = tmp_path / "w.safetensors"
+    for dtype in (torch.float64, torch.int8, torch.bool):
+        save_state_dict(path, {k: v.to(dtype) for k, v in model.state_dict().items()}, {})
+        with pytest.raises(SynthNetError, match=f"is {str(dtype).removeprefix('torch.')}, the target expects float32"):
+            load_state_dict(path, model)
+
+
+def test_read_errors_name_the_real_cause(tmp_path, model):
+    loop = tmp_path / "loop.safetensors"
+    os.symlink(loop, loop)
+    with pytest.raises(SynthNetError, match="symlink loop"):
+        load_state_dict(loop)
+    folder = tmp_path / "folder.safetensors"
+    folder.mkdir()
+    with pytest.raises(SynthNetError, match="is a directory"):
+        read_metadata(folder)
+    broken = tmp_path / "broken.safetensors"
+    os.symlink(tmp_path / "nowhere", broken)
+    with pytest.raises(SynthNetError, match="no such file|broken symlink"):
+        read_metadata(broken)
+    if os.geteuid() != 0:  # root reads mode-000 files anyway
+        locked = tmp_path / "locked.safetensors"
+        save_state_dict(locked, model.state_dict(), {})
+        locked.chmod(0)
+        with pytest.raises(SynthNetError, match="permission denied"):
+            read_metadata(locked)
+
+
+def test_deeply_nested_header_is_refused_in_one_line(tmp_path, model):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "deep.safetensors"
+    save_file(model.state_dict(), str(path), metadata={"recipe": "[" * 50_000 + "]" * 50_000})
+    with pytest.raises(SynthNetError, match="nested deeper than"):
+        read_metadata(path)
+
+
+def test_stale_temp_files_of_a_killed_save_are_removed_by_the_next(tmp_path, model):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)  # a process that has exited
+    path = tmp_path / "w.safetensors"
+    stale = tmp_path / f".w.safetensors.{dead}.abc123.tmp"
+    stale.write_bytes(b"half a file")
+    mine = tmp_path / f".w.safetensors.{os.getpid()}.def456.tmp"  # a save in progress (this process)
+    mine.write_bytes(b"in progress")
+    other = tmp_path / f".v.safetensors.{dead}.abc123.tmp"  # another file's: not this save's business
+    other.write_bytes(b"x")
+    save_state_dict(path, model.state_dict(), {})
+    assert not stale.exists() and mine.exists() and other.exists()

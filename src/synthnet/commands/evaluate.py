@@ -59,8 +59,8 @@ def load_zoo(cfg: DictConfig, model, pool: str):
 
     from synthnet.evaluation.pipeline import ZooFinals
     from synthnet.evaluation.scoring import stack_state_dicts
-    from synthnet.storage import load_state_dict, read_metadata
-    from synthnet.zoo import list_runs, step_of
+    from synthnet.storage import load_state_dict
+    from synthnet.zoo import checkpoint_header, list_runs, step_of
 
     runs = list_runs(cfg.paths.checkpoints_dir)
     hint = f"make one with `synthnet zoo target={cfg.target.name} task={cfg.task.name}`"
@@ -69,7 +69,7 @@ def load_zoo(cfg: DictConfig, model, pool: str):
     target, task = container(cfg.target), container(cfg.task)
     seeds, finals, val_accuracy, pool_states, pool_seeds, recipe = [], [], [], [], [], None
     for seed, paths in sorted(runs.items()):
-        metadata = read_metadata(paths[-1])
+        metadata = checkpoint_header(paths[-1])
         if not metadata.get("final"):
             log.warning("zoo run %d is incomplete (last step %d); left out", seed, step_of(paths[-1]))
             continue

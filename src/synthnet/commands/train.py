@@ -31,6 +31,20 @@ def resume_path(path: Path) -> Path:
     return path.parent / "resume" / path.name
 
 
+def refuse_to_replace(cfg: DictConfig, path: Path, fingerprint: str) -> None:
+    """A finished generator at ``path`` trained with other settings is never replaced silently: refused,
+    with the two ways on (write beside it with ``train.output=``, or ``train.overwrite=true``)."""
+    if not path.exists() or bool(cfg.train.get("overwrite", False)):
+        return
+    from synthnet.storage import read_metadata
+
+    old = read_metadata(path).get("fingerprint")
+    if old != fingerprint:
+        raise SynthNetError(f"{path} holds a generator trained with other settings (fingerprint {old}, these "
+                            f"settings {fingerprint}); pass train.output=<new file> to write beside it, or "
+                            f"train.overwrite=true to replace it")
+
+
 def imitation_settings(method: dict, seed: int):
     from synthnet.methods.imitation import ImitationSettings
 
@@ -100,6 +114,7 @@ def train_imitation_command(cfg: DictConfig) -> None:
     fingerprint = hashlib.sha256(json.dumps(
         [generator_config, method, target_config, task_config, zoo.seeds, int(cfg.seed)], sort_keys=True,
         default=str).encode()).hexdigest()[:16]
+    refuse_to_replace(cfg, path, fingerprint)
     model = build_generator(generator_config, layout).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     ema = EMA(model, settings.ema_decay)

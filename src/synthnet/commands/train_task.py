@@ -68,7 +68,7 @@ def task_path(cfg: DictConfig) -> Path:
 
 def train_task_command(cfg: DictConfig) -> Path:
     from synthnet.commands.generate import check_generator_matches
-    from synthnet.commands.train import metrics_log, resume_path
+    from synthnet.commands.train import metrics_log, refuse_to_replace, resume_path
     from synthnet.commands.train_grpo import ensure_imitation
     from synthnet.generation import init_tokens, target_layout
     from synthnet.generators import build_generator, load_generator, save_generator
@@ -115,6 +115,7 @@ def train_task_command(cfg: DictConfig) -> Path:
     fingerprint = hashlib.sha256(json.dumps(
         [generator_config, method, target_config, task_config, source_fingerprint, int(cfg.seed),
          settings.generation_steps], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    refuse_to_replace(cfg, path, fingerprint)
     if cfg.train.resume and path.exists() and not state_path.exists():
         meta = read_metadata(path)
         if meta.get("fingerprint") == fingerprint and meta.get("finished"):

@@ -25,10 +25,12 @@ from synthnet import __version__
 from synthnet.errors import SynthNetError
 from synthnet.generators.flat_mlp import FlatMLPGenerator
 from synthnet.generators.perceiver_moe import PerceiverMoEGenerator
-from synthnet.storage import load_state_dict, save_state_dict
+from synthnet.storage import load_state_dict, read_metadata, save_state_dict
 from synthnet.tokenization import TokenLayout
 
 FILE_KIND = "synthnet-generator"
+MAX_OPTION = 1 << 16  # largest integer option a generator header may hold (widths, ranks, units)
+MAX_MODULE_COUNT = 1024  # largest count of modules (experts, blocks, heads) a header may ask for
 _NOT_MODULE_OPTIONS = {"name", "chunk_size"}
 
 
@@ -94,22 +96,57 @@ def save_generator(path: str | Path, model: nn.Module, *, config: Mapping, targe
     save_state_dict(path, model.state_dict(), metadata)
 
 
+def _header_dict(metadata: Mapping[str, Any], key: str, path: Path) -> dict:
+    value = metadata.get(key)
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise SynthNetError(f"{path}: header key '{key}' must be a config with a name, got "
+                            f"{type(value).__name__ if value is not None else 'nothing'}")
+    return value
+
+
+def _header_int(metadata: Mapping[str, Any], key: str, path: Path, low: int, high: int) -> int:
+    value = metadata.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SynthNetError(f"{path}: header key '{key}' must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> LoadedGenerator:
-    """Rebuild the generator stored at ``path`` (eval mode, on ``device``)."""
+    """Rebuild the generator stored at ``path`` (eval mode, on ``device``).
+
+    The header is untrusted: its configs and sizes are checked, and the generator it describes is
+    first built on the ``meta`` device (no memory) and compared, name by name, with the tensors
+    the file holds (shape and dtype), so a header that would build a huge model, or tensors of
+    another dtype, are refused before anything is allocated or cast."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise SynthNetError(f"no generator file {path}; train one with `synthnet train` "
                             f"(or pass generate.generator=PATH)")
-    tensors, metadata = load_state_dict(path)
+    metadata = read_metadata(path)
     if metadata.get("kind") != FILE_KIND or "generator_config" not in metadata:
         raise SynthNetError(f"{path} is not a SynthNet generator file (no generator config in its header)")
-    config = metadata["generator_config"]
-    model = _construct(config, metadata.get("num_values") or 0, metadata["chunk_size"])
+    config = _header_dict(metadata, "generator_config", path)
+    target_config = _header_dict(metadata, "target_config", path)
+    task_config = _header_dict(metadata, "task_config", path)
+    chunk_size = _header_int(metadata, "chunk_size", path, 1, 1 << 16)
+    num_values = _header_int(metadata, "num_values", path, 0, 1 << 20) if metadata.get("num_values") is not None \
+        else 0
+    for key, value in config.items():  # bound sizes before building anything, even on the meta device
+        limit = MAX_MODULE_COUNT if key in ("num_experts", "num_blocks", "num_heads", "decoder_depth") else MAX_OPTION
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= limit:
+            raise SynthNetError(f"{path}: generator_config '{key}' = {value} is outside [0, {limit}]; "
+                                f"not a generator this file can hold")
     try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise SynthNetError(f"{path} does not match generator '{config['name']}': "
-                            f"{str(exc).strip().splitlines()[0]}") from None
+        with torch.device("meta"):
+            skeleton = _construct(config, num_values, chunk_size)
+    except SynthNetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any option value the constructor cannot take
+        raise SynthNetError(f"{path}: its generator_config cannot build a generator "
+                            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+                            ) from None
+    tensors, metadata = load_state_dict(path, skeleton.state_dict(), expects="its header's generator_config")
+    model = _construct(config, num_values, chunk_size)
+    model.load_state_dict(tensors, strict=True)
     model.to(torch.device(device)).eval()
-    return LoadedGenerator(model, config, metadata["target_config"], metadata["task_config"],
-                           int(metadata["chunk_size"]), metadata)
+    return LoadedGenerator(model, config, target_config, task_config, chunk_size, metadata)

@@ -17,7 +17,7 @@ from synthnet.errors import SynthNetError
 from synthnet.storage import load_state_dict
 from synthnet.targets import LayerSpec
 from synthnet.tokenization import TokenLayout, tokenize
-from synthnet.zoo import list_runs
+from synthnet.zoo import checkpoint_header, list_runs
 
 
 @dataclass
@@ -67,6 +67,7 @@ def load_zoo_tokens(checkpoints_dir: str | Path, layout: TokenLayout, specs: Seq
         run_tokens, run_times = [], []
         for path in runs[seed]:
             state, meta = load_state_dict(path, expected)
+            meta = checkpoint_header(path, meta)
             if zoo_target is None:
                 zoo_target, zoo_task = meta.get("target_config"), meta.get("task_config")
                 if target_config is not None and zoo_target is not None and dict(zoo_target) != dict(target_config):

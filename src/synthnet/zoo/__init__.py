@@ -73,21 +73,97 @@ class ZooSpec:
                 "task": self.task_config["name"], "task_config": self.task_config, "recipe": asdict(self.recipe)}
 
 
+MAX_HEADER_EPOCHS = 10_000  # a recipe read from a header beyond this is refused, not trusted
+
+
+def _number(metadata: Mapping[str, Any], key: str, path: Path, low: float, high: float) -> float:
+    value = metadata.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise SynthNetError(f"{path}: checkpoint header key '{key}' must be a number in [{low:g}, {high:g}], "
+                            f"got {value!r}")
+    return value
+
+
+def checkpoint_header(path: str | Path, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A zoo checkpoint's header, validated: ``step`` (an integer >= 0, the one in the file name),
+    ``final`` (a bool), ``val_accuracy`` / ``test_accuracy`` (in [0, 1]), ``target_config`` and
+    ``task_config`` (configs with a name) and ``recipe`` (a :class:`Recipe`, epochs bounded).
+    Headers are untrusted input: anything else is a one-line error naming the file and key."""
+    path = Path(path)
+    metadata = dict(read_metadata(path) if metadata is None else metadata)
+    step = metadata.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise SynthNetError(f"{path}: checkpoint header key 'step' must be an integer >= 0, got {step!r}")
+    match = _STEP_FILE.match(path.name)
+    if match and int(match.group(1)) != step:
+        raise SynthNetError(f"{path}: header says step {step}, the file name says {int(match.group(1))}")
+    if not isinstance(metadata.get("final", False), bool):
+        raise SynthNetError(f"{path}: checkpoint header key 'final' must be true or false")
+    for key in ("val_accuracy", "test_accuracy"):
+        _number(metadata, key, path, 0.0, 1.0)
+    for key in ("target_config", "task_config"):
+        if not isinstance(metadata.get(key), dict) or not isinstance(metadata[key].get("name"), str):
+            raise SynthNetError(f"{path}: checkpoint header key '{key}' must be a config with a name")
+    metadata["recipe"] = recipe_from_header(metadata.get("recipe"), path)
+    return metadata
+
+
+def recipe_from_header(recipe: Any, path: str | Path) -> dict[str, Any]:
+    """The zoo recipe a header records, checked like a config: known fields, valid values, bounded epochs."""
+    from dataclasses import fields
+
+    if not isinstance(recipe, dict):
+        raise SynthNetError(f"{path}: checkpoint header key 'recipe' must be a mapping, got {type(recipe).__name__}")
+    known = {f.name for f in fields(Recipe)}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise SynthNetError(f"{path}: unknown recipe field '{unknown[0]}' in its header (known: {', '.join(sorted(known))})")
+    for key in ("epochs", "batch_size"):
+        value = recipe.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SynthNetError(f"{path}: recipe '{key}' must be an integer, got {value!r}")
+    for key in ("lr", "momentum", "weight_decay"):
+        value = recipe.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) > 1e6:
+            raise SynthNetError(f"{path}: recipe '{key}' must be a finite number, got {value!r}")
+    if int(recipe.get("epochs", 1)) > MAX_HEADER_EPOCHS:
+        raise SynthNetError(f"{path}: recipe epochs {recipe['epochs']} is over {MAX_HEADER_EPOCHS}; "
+                            f"not trusted from a header (the twins would train that long)")
+    Recipe(**recipe)  # the remaining checks (positive values, known optimizer)
+    return dict(recipe)
+
+
 def _matches(metadata: Mapping[str, Any], spec: ZooSpec) -> bool:
     wanted = spec.provenance()
     return all(metadata.get(key) == value for key, value in wanted.items())
 
 
 def completed_seeds(checkpoints_dir: str | Path, seeds: Sequence[int], spec: ZooSpec, final_step: int) -> list[int]:
-    """Seeds whose final checkpoint exists. A final checkpoint from another config is an error."""
+    """Seeds whose run is complete and intact: the final checkpoint exists, and every checkpoint of the
+    run opens as a whole safetensors file (header read, length checked against it by the reader; no
+    tensor is loaded). A damaged run is left out, so the zoo trains it again. A final checkpoint from
+    another config, or with a header that does not validate, is an error."""
+    import logging
+
+    runs = list_runs(checkpoints_dir)
     done = []
     for seed in seeds:
         path = checkpoint_path(checkpoints_dir, seed, final_step)
         if not path.exists():
             continue
-        if not _matches(read_metadata(path), spec):
+        try:  # cut short by a killed write: ours to redo
+            for file in runs.get(int(seed), [path]):
+                read_metadata(file)
+        except SynthNetError as exc:
+            logging.getLogger("synthnet").warning("zoo run %d is damaged (%s); training it again", seed, exc)
+            continue
+        metadata = checkpoint_header(path)  # a whole file with a bad header is refused, never overwritten
+        if not _matches(metadata, spec):
             raise SynthNetError(f"{path} was made with a different target, task or recipe; "
                                 f"choose another paths.root or remove {Path(checkpoints_dir)}")
+        if runs.get(int(seed), [None])[0] is None or step_of(runs[int(seed)][0]) != 0:
+            logging.getLogger("synthnet").warning("zoo run %d has no step-0 checkpoint; training it again", seed)
+            continue
         done.append(seed)
     return done
 

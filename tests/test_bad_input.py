@@ -1,0 +1,179 @@
+"""Bad input: untrusted headers, wrong dtypes, damaged zoo files and re-runs with other settings end in
+one line and exit 2, and no file a user made is changed or lost."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from synthnet.cli import main
+from synthnet.storage import load_state_dict, read_metadata, save_state_dict
+
+
+def _args(tiny_zoo, root, *extra):
+    return ["experiment=smoke", f"paths.root={root}", f"paths.checkpoints_dir={tiny_zoo['checkpoints_dir']}",
+            "target.hidden=[16]", "progress=false", *extra]
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(capsys, *fragments):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_zoo, tmp_path_factory):
+    """A finished smoke generator and 4 networks generated with it."""
+    root = tmp_path_factory.mktemp("trained")
+    assert main(["train", *_args(tiny_zoo, root)]) == 0
+    assert main(["generate", *_args(tiny_zoo, root)]) == 0
+    return root
+
+
+def _tampered(trained, tmp_path, edit_tensors=None, edit_header=None):
+    """A copy of the trained root whose generator file has edited tensors or header."""
+    root = tmp_path / "copy"
+    shutil.copytree(trained, root)
+    path = root / "digits-mlp" / "generators" / "perceiver_moe-imitation.safetensors"
+    tensors, meta = load_state_dict(path)
+    tensors = edit_tensors(tensors) if edit_tensors else tensors
+    meta = edit_header(meta) if edit_header else meta
+    save_state_dict(path, tensors, meta)
+    return root, path
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("int8", "is int8, its header's generator_config expects float32"),
+    ("bool", "is bool, its header's generator_config expects float32"),
+    ("no chunk_size", "'chunk_size' must be an integer"),
+    ("no target_config", "'target_config' must be a config with a name"),
+    ("no task_config", "'task_config' must be a config with a name"),
+    ("generator_config string", "'generator_config' must be a config with a name"),
+    ("huge d_model", "generator_config 'd_model' = 1000000 is outside"),
+    ("large d_model", "its header's generator_config expects"),
+    ("huge num_experts", "generator_config 'num_experts' = 10000000 is outside"),
+    ("extra tensor", "unexpected tensor 'surplus'"),
+    ("missing tensor", "missing"),
+    ("transposed tensor", "has shape"),
+])
+def test_a_tampered_generator_is_refused_and_nothing_is_overwritten(tiny_zoo, trained, tmp_path, capsys, case,
+                                                                    fragment):
+    def tensors(t):
+        t = dict(t)
+        first = sorted(k for k in t if t[k].dim() == 2)[0]
+        if case == "int8":
+            t = {k: (v * 10).to(torch.int8) for k, v in t.items()}
+        elif case == "bool":
+            t = {k: v > 0 for k, v in t.items()}
+        elif case == "extra tensor":
+            t["surplus"] = torch.zeros(3)
+        elif case == "missing tensor":
+            t.pop(first)
+        elif case == "transposed tensor":
+            t[first] = t[first].T.contiguous() if t[first].shape[0] != t[first].shape[1] else t[first][:, :1]
+        return t
+
+    def header(m):
+        m = dict(m)
+        if case.startswith("no "):
+            m.pop(case[3:])
+        elif case == "generator_config string":
+            m["generator_config"] = "perceiver_moe"
+        elif case == "huge d_model":
+            m["generator_config"] = {**m["generator_config"], "d_model": 1_000_000}
+        elif case == "large d_model":  # within bounds: built on the meta device, then compared
+            m["generator_config"] = {**m["generator_config"], "d_model": 4096}
+        elif case == "huge num_experts":
+            m["generator_config"] = {**m["generator_config"], "num_experts": 10_000_000}
+        return m
+
+    root, _ = _tampered(trained, tmp_path, tensors, header)
+    before = _snapshot(root)
+    capsys.readouterr()
+    for command in (["generate"], ["evaluate", "evaluate.count=2"]):
+        assert main([command[0], *_args(tiny_zoo, root), *command[1:]]) == 2, (case, command)
+        _one_line_error(capsys, fragment)
+    assert _snapshot(root) == before  # the 4 good networks are still there, unchanged; no report written
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("no step", "'step' must be an integer"),
+    ("step abc", "'step' must be an integer"),
+    ("no val_accuracy", "'val_accuracy' must be a number"),
+    ("unknown recipe field", "unknown recipe field 'warp'"),
+    ("epochs 1e7", "recipe epochs 10000000 is over"),
+    ("float64", "is float64, the target expects float32"),
+])
+def test_a_bad_zoo_checkpoint_is_a_one_line_error(tiny_zoo, tmp_path, capsys, case, fragment):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo["checkpoints_dir"], zoo)
+    final = sorted((zoo / sorted(p.name for p in zoo.iterdir())[0]).glob("*.safetensors"))[-1]
+    tensors, meta = load_state_dict(final)
+    if case == "no step":
+        meta.pop("step")
+    elif case == "step abc":
+        meta["step"] = "abc"
+    elif case == "no val_accuracy":
+        meta.pop("val_accuracy")
+    elif case == "unknown recipe field":
+        meta["recipe"] = {**meta["recipe"], "warp": 9}
+    elif case == "epochs 1e7":
+        meta["recipe"] = {**meta["recipe"], "epochs": 10_000_000}
+    elif case == "float64":
+        tensors = {k: v.double() for k, v in tensors.items()}
+    save_state_dict(final, tensors, meta)
+    before = _snapshot(zoo)
+    capsys.readouterr()
+    common = ["experiment=smoke", f"paths.root={tmp_path}", f"paths.checkpoints_dir={zoo}", "target.hidden=[16]",
+              "progress=false"]
+    assert main(["evaluate", *common, "evaluate.generators=[]", "evaluate.count=2"]) == 2
+    _one_line_error(capsys, fragment)
+    assert main(["train", *common]) == 2
+    _one_line_error(capsys, fragment)
+    assert _snapshot(zoo) == before
+
+
+def test_zoo_retrains_a_run_whose_intermediate_checkpoint_was_cut_short(tmp_path, caplog):
+    common = ["zoo", "experiment=smoke", f"paths.root={tmp_path}", "progress=false"]
+    assert main(common) == 0
+    checkpoints = tmp_path / "digits-mlp" / "checkpoints"
+    runs = sorted(p for p in checkpoints.iterdir() if p.is_dir())
+    middle = sorted(runs[0].glob("*.safetensors"))[1]
+    good = middle.read_bytes()
+    middle.write_bytes(good[: len(good) // 2])  # a killed write that left half a file
+    caplog.clear()
+    caplog.set_level("INFO", logger="synthnet")
+    assert main(common) == 0
+    assert "zoo run 0 is damaged" in caplog.text and "skipped 1 completed runs" in caplog.text
+    original = tmp_path / "original.safetensors"
+    original.write_bytes(good)
+    again, meta = load_state_dict(middle)
+    first, first_meta = load_state_dict(original)
+    assert meta["step"] == first_meta["step"]  # trained again (alone now, so equal up to float rounding)
+    assert all(torch.allclose(again[k], first[k], atol=1e-5) for k in first)
+    assert main(["train", "experiment=smoke", f"paths.root={tmp_path}", "progress=false"]) == 0
+
+
+def test_retraining_with_other_settings_never_replaces_a_generator_silently(tiny_zoo, trained, tmp_path, capsys):
+    root = tmp_path / "copy"
+    shutil.copytree(trained, root)
+    generators = root / "digits-mlp" / "generators"
+    before = _snapshot(generators)
+    capsys.readouterr()
+    assert main(["train", *_args(tiny_zoo, root, "method.lr=0.01")]) == 2
+    _one_line_error(capsys, "trained with other settings", "train.output=", "train.overwrite=true")
+    assert _snapshot(generators) == before  # generator and metrics log untouched
+    beside = generators / "lr001.safetensors"
+    assert main(["train", *_args(tiny_zoo, root, "method.lr=0.01", f"train.output={beside}")]) == 0
+    assert beside.exists() and all(_snapshot(generators)[p] == data for p, data in before.items())
+    assert main(["train", *_args(tiny_zoo, root, "method.lr=0.01", "train.overwrite=true")]) == 0
+    path = generators / "perceiver_moe-imitation.safetensors"
+    assert read_metadata(path)["method_config"]["lr"] == 0.01
