@@ -56,7 +56,7 @@ def run(argv: list[str]) -> None:
 
 def measure(cfg_overrides: list[str], generator_file: Path, count: int) -> dict[str, float]:
     """Generated networks from ``count`` held-out inits: training loss, validation accuracy, diversity."""
-    from synthnet.cli import compose, container
+    from synthnet.config import compose, container
     from synthnet.generation import init_tokens, target_layout
     from synthnet.generators import load_generator
     from synthnet.methods.task import network_loss, validation_metrics
@@ -91,7 +91,7 @@ def main_bench(argv: list[str] | None = None) -> int:
                         help="also write the table and raw rows (JSON) here; rows of other variants already in it "
                              "(same budget) are kept")
     args = parser.parse_args(argv)
-    from synthnet.cli import compose
+    from synthnet.config import compose
 
     base = [*SETTINGS[args.setting], "progress=false", "seed=0"]
     zoo_root = args.root / args.setting / "zoo"

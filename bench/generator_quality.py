@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from synthnet.cli import compose, container, main
+from synthnet.cli import main
+from synthnet.config import compose, container
 from synthnet.evaluation.scoring import accuracy_and_loss
 from synthnet.generation import generate_networks, init_tokens, target_layout
 from synthnet.generators import load_generator

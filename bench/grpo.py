@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from synthnet.cli import compose, container
-from synthnet.commands.train_grpo import grpo_path, imitation_path, metrics_path, read_records, train_grpo
+from synthnet.config import compose, container
+from synthnet.commands.artifacts import grpo_path, imitation_path, metrics_path, read_records
+from synthnet.commands.train_grpo import train_grpo
 from synthnet.errors import SynthNetError
 from synthnet.evaluation.scoring import accuracy_and_loss, predictions, stack_state_dicts
 from synthnet.generation import generate_networks, target_layout
@@ -107,7 +108,7 @@ def evaluate_setting(name: str, overrides: list[str], args) -> dict:
     cfg = compose(overrides + ["method=grpo"])
     task = build_task(container(cfg.task), cfg.paths.data_dir)
     start = time.perf_counter()
-    from synthnet.cli import COMMANDS
+    from synthnet.config import COMMANDS
     import synthnet.commands  # noqa: F401
 
     COMMANDS["zoo"][0](cfg)

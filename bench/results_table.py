@@ -45,7 +45,8 @@ SETTINGS = [
 
 
 def run(argv: list[str]) -> None:
-    from synthnet.cli import COMMANDS, main
+    from synthnet.cli import main
+    from synthnet.config import COMMANDS
 
     import synthnet.commands  # noqa: F401  (registers the commands)
 

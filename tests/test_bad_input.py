@@ -177,3 +177,48 @@ def test_retraining_with_other_settings_never_replaces_a_generator_silently(tiny
     assert main(["train", *_args(tiny_zoo, root, "method.lr=0.01", "train.overwrite=true")]) == 0
     path = generators / "perceiver_moe-imitation.safetensors"
     assert read_metadata(path)["method_config"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["zoo", "+zoo.nope=1"], "unknown config key 'zoo.nope'"),
+    (["zoo", "device=nope"], "is not a device"),
+    (["zoo", "device=cuda:7"], "CUDA device(s); use device=cpu"),
+    (["zoo", "zoo.first_seed=-1"], "zoo.first_seed must be an integer >= 0"),
+    (["zoo", "zoo.lr=abc"], "zoo.lr must be a number"),
+    (["zoo", "zoo.batch_size=abc"], "zoo.batch_size must be a positive integer"),
+    (["zoo", "target.hidden=abc"], "target=mlp cannot be built from target options"),
+    (["zoo", "zoo.runs=10000000", "zoo.epochs=2"], "needs about"),
+    (["zoo", "paths.root="], "paths.root is empty"),
+    (["generate", "generate.noise_scale=abc"], "generate.noise_scale must be a number"),
+    (["generate", "generate.count=10000000"], "needs about"),
+    (["generate", "generate.steps=10000000"], "needs about"),
+    (["evaluate", "evaluate.count=10000000"], "needs about"),
+])
+def test_bad_values_and_impossible_sizes_end_in_one_line_before_any_work(tiny_zoo, trained, tmp_path, capsys, args,
+                                                                         fragment):
+    root = tmp_path / "copy"
+    shutil.copytree(trained, root)
+    before = _snapshot(root)
+    overrides = _args(tiny_zoo, root) if args[0] != "zoo" else ["experiment=smoke", f"paths.root={root}",
+                                                                  "progress=false"]
+    if any(a.startswith("paths.root=") for a in args):
+        overrides = [o for o in overrides if not o.startswith("paths.root=")]
+    capsys.readouterr()
+    assert main([args[0], *overrides, *args[1:]]) == 2
+    _one_line_error(capsys, fragment)
+    assert _snapshot(root) == before
+
+
+def test_a_file_or_read_only_folder_as_root_is_named(tmp_path, capsys):
+    import os
+
+    a_file = tmp_path / "root.txt"
+    a_file.write_text("not a folder")
+    assert main(["zoo", "experiment=smoke", f"paths.root={a_file}", "progress=false"]) == 2
+    _one_line_error(capsys, "is a file, not a folder")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        assert main(["zoo", "experiment=smoke", f"paths.root={locked / 'sub'}", "progress=false"]) == 2
+        _one_line_error(capsys, "cannot be written")

@@ -242,8 +242,8 @@ def _grpo_config(root, *overrides):
 
 def _write_imitation_stand_in(cfg):
     """An (untrained) generator saved where the imitation stage writes its file."""
-    from synthnet.cli import container
-    from synthnet.commands.train_grpo import imitation_path
+    from synthnet.config import container
+    from synthnet.commands.artifacts import imitation_path
     from synthnet.generation import target_layout
     from synthnet.generators import build_generator, save_generator
 
@@ -255,7 +255,8 @@ def _write_imitation_stand_in(cfg):
 
 
 def test_grpo_command_writes_resumable_generator(tmp_path):
-    from synthnet.commands.train_grpo import grpo_path, read_records, train_grpo
+    from synthnet.commands.artifacts import grpo_path, read_records
+    from synthnet.commands.train_grpo import train_grpo
     from synthnet.generators import load_generator
     from synthnet.storage import load_state_dict, read_metadata
 
@@ -326,7 +327,8 @@ def test_cli_trains_imitation_then_grpo_on_tiny_zoo(tmp_path, tiny_zoo, capsys):
 
 
 def test_grpo_reward_suffix_and_missing_imitation(tmp_path):
-    from synthnet.commands.train_grpo import grpo_path, train_grpo
+    from synthnet.commands.artifacts import grpo_path
+    from synthnet.commands.train_grpo import train_grpo
     from synthnet.errors import SynthNetError
 
     cfg = _grpo_config(tmp_path, "reward=pruned_val_accuracy", "method.imitation_first=false", "method.iterations=1")
@@ -338,8 +340,9 @@ def test_grpo_reward_suffix_and_missing_imitation(tmp_path):
 def test_interrupted_grpo_leaves_no_generator_file_and_resumes_exactly(tmp_path, monkeypatch):
     """Resume state in <generators>/resume/<name> like every method; the generator file appears once, finished."""
     import synthnet.methods.grpo as grpo_module
-    from synthnet.commands.train import resume_path
-    from synthnet.commands.train_grpo import grpo_path, train_grpo
+    from synthnet.commands.artifacts import resume_path
+    from synthnet.commands.artifacts import grpo_path
+    from synthnet.commands.train_grpo import train_grpo
     from synthnet.storage import load_state_dict, read_metadata
 
     straight = _grpo_config(tmp_path / "a", "method.iterations=2", "method.save_every=1")

@@ -9,73 +9,14 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
-from importlib import resources
-from pathlib import Path
-from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from synthnet import __version__
+from synthnet.config import COMMANDS, check_common, command, compose, config_groups
 from synthnet.errors import SynthNetError
 
 log = logging.getLogger("synthnet")
-
-COMMANDS: dict[str, tuple[Callable[[DictConfig], None], str]] = {}
-
-
-def command(name: str, help_text: str):
-    """Register ``fn(cfg)`` as ``synthnet NAME``; command modules live in ``synthnet.commands``."""
-    def register(fn):
-        COMMANDS[name] = (fn, help_text)
-        return fn
-    return register
-
-
-def config_groups() -> dict[str, list[str]]:
-    """``{group: [option, ...]}`` for every config group packaged with SynthNet."""
-    root = resources.files("synthnet.configs")
-    groups = {}
-    for entry in root.iterdir():
-        if entry.is_dir() and not entry.name.startswith("_"):
-            groups[entry.name] = sorted(p.name[:-5] for p in entry.iterdir() if p.name.endswith(".yaml"))
-    return groups
-
-
-def _check_group_overrides(overrides: list[str]) -> None:
-    groups = config_groups()
-    for override in overrides:
-        key, sep, value = override.lstrip("+~").partition("=")
-        if sep and key in groups and value not in ("null", "") and value not in groups[key]:
-            raise SynthNetError(f"unknown {key} '{value}'; available: {', '.join(groups[key])}")
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    """The root config with ``overrides`` applied, all interpolations resolved."""
-    from hydra import compose as hydra_compose, initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    _check_group_overrides(overrides)
-    try:
-        with initialize_config_module(config_module="synthnet.configs", version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=overrides)
-        OmegaConf.resolve(cfg)
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise SynthNetError(f"bad config override: {str(exc).strip().splitlines()[0]}") from None
-    return cfg
-
-
-def container(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True)
-
-
-def positive_int(cfg: DictConfig, key: str) -> int:
-    value = OmegaConf.select(cfg, key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise SynthNetError(f"{key} must be a positive integer, got {value!r}")
-    return value
-
 
 # --------------------------------------------------------------------------- commands
 
@@ -121,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in COMMANDS:
             raise SynthNetError(f"unknown command '{name}'; available: {', '.join(COMMANDS)}")
         cfg = compose(overrides)
+        check_common(cfg, overrides, writes=name != "config")
         COMMANDS[name][0](cfg)
     except SynthNetError as exc:
         print(f"synthnet: error: {exc}", file=sys.stderr)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from synthnet.cli import command, container, positive_int
+from synthnet.budget import check_networks_in_memory
+from synthnet.config import command, container, positive_int
 from synthnet.errors import SynthNetError
 
 log = logging.getLogger("synthnet")
@@ -101,7 +102,7 @@ def evaluate_command(cfg: DictConfig) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from synthnet.commands.generate import check_generator_matches
+    from synthnet.commands.artifacts import check_generator_matches
     from synthnet.evaluation.baselines import build_baselines
     from synthnet.evaluation.pipeline import Generated, Options, evaluate
     from synthnet.evaluation.report import write_report
@@ -122,6 +123,9 @@ def evaluate_command(cfg: DictConfig) -> None:
     task = build_task(task_config, cfg.paths.data_dir)
     model = build_target(target_config, task.input_shape, task.num_classes).to(device)
     specs = model.layer_specs()
+    kept = (steps + 1) * len(generator_files(cfg)) + positive_int(cfg, "evaluate.twin_checkpoints") + 2 + 8
+    check_networks_in_memory(cfg, f"evaluate.count={count} (every generation step of every generator, every twin "
+                             f"checkpoint, the baselines)", count * kept, sum(p.numel() for p in model.parameters()))
     files = generator_files(cfg)
     loaded_files = []
     for path in files:  # every generator must fit before any work starts

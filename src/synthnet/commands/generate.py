@@ -7,25 +7,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from synthnet.cli import command, container, positive_int
+from synthnet.budget import check_files_on_disk, check_networks_in_memory
+from synthnet.commands.artifacts import check_generator_matches, generator_path
+from synthnet.config import command, container, number, positive_int
 from synthnet.errors import SynthNetError
 
 log = logging.getLogger("synthnet")
-
-
-def check_generator_matches(path: Path, loaded, target_config: dict, task_config: dict) -> None:
-    """The one check that a generator file can serve: its training finished, and it makes weights for this
-    target (the whole target config) on this task. Used by generate, evaluate, GRPO and the task method."""
-    if loaded.metadata.get("finished") is False:
-        raise SynthNetError(f"{path} is an unfinished training ({loaded.metadata.get('method')}, stopped at "
-                            f"{loaded.metadata.get('grpo_iteration', loaded.metadata.get('step'))}); finish it with "
-                            f"`synthnet train` (same overrides) or leave it out")
-    if loaded.target_config != target_config:
-        raise SynthNetError(f"{path} was trained for target {loaded.target_config}, not {target_config}; "
-                            f"pass the same target= overrides as for `synthnet train`")
-    if loaded.task_config.get("name") != task_config.get("name"):
-        raise SynthNetError(f"{path} was trained on task '{loaded.task_config.get('name')}', "
-                            f"not '{task_config.get('name')}'")
 
 
 @command("generate", "write generate.count networks made in generate.steps steps from fresh inits "
@@ -35,7 +22,6 @@ def generate_command(cfg: DictConfig) -> None:
     import torch
 
     from synthnet import __version__
-    from synthnet.commands.train import generator_path
     from synthnet.evaluation.scoring import accuracy_and_loss
     from synthnet.generation import check_layout, generate_networks, target_layout
     from synthnet.generators import load_generator
@@ -45,7 +31,7 @@ def generate_command(cfg: DictConfig) -> None:
 
     count = positive_int(cfg, "generate.count")
     steps = positive_int(cfg, "generate.steps")
-    noise_scale = float(cfg.generate.noise_scale)
+    noise_scale = number(cfg, "generate.noise_scale")
     if noise_scale < 0:
         raise SynthNetError(f"generate.noise_scale must be >= 0, got {noise_scale}")
     target_config, task_config = container(cfg.target), container(cfg.task)
@@ -56,6 +42,9 @@ def generate_command(cfg: DictConfig) -> None:
     task = build_task(task_config, cfg.paths.data_dir)
     template, layout = target_layout(target_config, task.input_shape, task.num_classes, loaded.chunk_size)
     check_layout(layout, loaded.metadata.get("num_tokens"), str(path))
+    parameters = sum(p.numel() for p in template.parameters())
+    check_networks_in_memory(cfg, f"generate.count={count} x generate.steps={steps}", count * (steps + 1), parameters)
+    check_files_on_disk(cfg, f"generate.count={count}", count, parameters, cfg.paths.generated_dir)
     first = int(cfg.generate.first_seed)
     if first < int(cfg.zoo.first_seed) + int(cfg.zoo.runs):
         log.warning("generate.first_seed %d overlaps the zoo's seeds; the inits are not new", first)
@@ -85,7 +74,7 @@ def generate_command(cfg: DictConfig) -> None:
         if finals:
             sgd = f"{np.mean(finals):.4f} (mean of {len(finals)} zoo runs)"
     print(f"generate: {count} networks in {steps} steps with {path.name} ({out.seconds:.2f} s) -> {folder}")
-    print(f"| step | t    | test acc mean | min    | max    | zoo SGD test acc |")
+    print("| step | t    | test acc mean | min    | max    | zoo SGD test acc |")
     for k, acc in enumerate(accuracies):
         print(f"| {k:4d} | {float(out.result.times[k]):.2f} | {float(acc.mean()):13.4f} | {float(acc.min()):.4f} "
               f"| {float(acc.max()):.4f} | {sgd if k == steps else ''} |")

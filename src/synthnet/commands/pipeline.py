@@ -6,7 +6,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from synthnet.cli import COMMANDS, command
+from synthnet.config import COMMANDS, command
 from synthnet.errors import SynthNetError
 
 log = logging.getLogger("synthnet")

@@ -9,7 +9,7 @@ Runs :func:`synthnet.methods.grpo.train` with the reward of ``configs/reward/`` 
 ordinary generator file whose header also records ``method: grpo``, the reward and its
 options, the iteration reached and the imitation file it started from. Like every method, the
 generator file is written once, finished; until then the policy and its Adam state live in
-``<generators_dir>/resume/<name>`` (:func:`synthnet.commands.train.resume_path`), where
+``<generators_dir>/resume/<name>`` (:func:`synthnet.commands.artifacts.resume_path`), where
 ``evaluate`` never looks. With ``train.resume`` a run continues exactly where it stopped; GRPO
 keeps that state after finishing, so raising ``method.iterations`` continues exactly too.
 Per-iteration records
@@ -26,43 +26,15 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from synthnet.cli import container, positive_int
+from synthnet.commands.artifacts import grpo_path, metrics_path, read_records, resume_path, stem_of
+from synthnet.commands.train_imitation import ensure_imitation
+from synthnet.config import container, positive_int
 from synthnet.errors import SynthNetError
 from synthnet.storage import atomic_write_bytes, load_state_dict, read_metadata, save_state_dict
 
 log = logging.getLogger("synthnet")
-
-DEFAULT_REWARD = "val_accuracy"
-
-
-def grpo_stem(generator_name: str, reward_name: str) -> str:
-    """File stem of a GRPO generator: ``<generator>-grpo`` for the default reward, else with the reward."""
-    return f"{generator_name}-grpo" if reward_name == DEFAULT_REWARD else f"{generator_name}-grpo-{reward_name}"
-
-
-def imitation_path(cfg: DictConfig) -> Path:
-    """``method.source`` or ``<generators_dir>/<generator>-imitation.safetensors``."""
-    source = cfg.method.get("source") if cfg.method.name in ("grpo", "task") else None
-    return Path(source) if source else Path(cfg.paths.generators_dir) / f"{cfg.generator.name}-imitation.safetensors"
-
-
-def grpo_path(cfg: DictConfig) -> Path:
-    """``train.output`` or ``<generators_dir>/<generator>-grpo[-<reward>].safetensors``."""
-    output = cfg.get("train", {}).get("output")
-    return Path(output) if output else \
-        Path(cfg.paths.generators_dir) / f"{grpo_stem(cfg.generator.name, cfg.reward.name)}.safetensors"
-
-
-def stem_of(path: Path) -> str:
-    return path.name.removesuffix(".safetensors")
-
-
-def metrics_path(path: Path) -> Path:
-    """Per-iteration JSONL records beside the generator file (imitation's convention)."""
-    return path.with_name(f"{stem_of(path)}.metrics.jsonl")
-
 
 # --------------------------------------------------------------------------- resume state (safetensors)
 
@@ -87,12 +59,6 @@ def load_resume_state(path: Path, policy: torch.nn.Module, optimizer: torch.opti
 
 
 # --------------------------------------------------------------------------- logs and plot
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    if not Path(path).exists():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def plot_reward_curve(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = "GRPO reward") -> None:
@@ -131,29 +97,6 @@ def plot_reward_curve(records: Sequence[Mapping[str, Any]], path: str | Path, ti
 # --------------------------------------------------------------------------- imitation first
 
 
-def ensure_imitation(cfg: DictConfig) -> Path:
-    """The generator file a later stage starts from (``imitation_path``), training imitation first with
-    ``method.imitation`` when it is the default file and it is missing."""
-    path = imitation_path(cfg)
-    if path.exists():
-        return path
-    if cfg.method.get("source") or not cfg.method.get("imitation_first", True) or "imitation" not in cfg.method:
-        raise SynthNetError(f"no imitation generator {path}; run `synthnet train method=imitation` first "
-                            f"(same target, task and generator overrides) or set method.imitation_first=true")
-    from synthnet.commands.train import train_imitation_command
-
-    log.info("no %s yet: training imitation first (settings in method.imitation)", path.name)
-    imitation_cfg = copy.deepcopy(cfg)
-    OmegaConf.set_struct(imitation_cfg, False)
-    imitation_cfg.method = OmegaConf.create(OmegaConf.to_container(cfg.method.imitation, resolve=True))
-    if "train" in imitation_cfg:
-        imitation_cfg.train.output = None  # train.output names the GRPO file, not the imitation one
-    train_imitation_command(imitation_cfg)
-    if not path.exists():
-        raise SynthNetError(f"imitation training finished without writing {path}")
-    return path
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -172,7 +115,7 @@ def _settings(cfg: DictConfig, steps: int):
 
 def train_grpo(cfg: DictConfig) -> Path:
     """Run the GRPO stage described by ``cfg`` (imitation first if needed); returns the generator file."""
-    from synthnet.commands.generate import check_generator_matches
+    from synthnet.commands.artifacts import check_generator_matches
     from synthnet.generators import load_generator, save_generator
     from synthnet.methods import grpo
     from synthnet.methods.rewards import Reward
@@ -196,8 +139,6 @@ def train_grpo(cfg: DictConfig) -> Path:
     model, layout = model.to(device), cpu_layout.to(device)
     reward = Reward(cfg.reward.name, model, task.x_val.to(device), task.y_val.to(device), reward_options,
                     scoring=str(cfg.method.get("scoring", "batched")))
-
-    from synthnet.commands.train import resume_path
 
     out_path = grpo_path(cfg)
     stem = stem_of(out_path)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from synthnet.cli import container, positive_int
+from synthnet.config import container, positive_int
 from synthnet.errors import SynthNetError
 
 log = logging.getLogger("synthnet")
@@ -67,9 +67,8 @@ def task_path(cfg: DictConfig) -> Path:
 
 
 def train_task_command(cfg: DictConfig) -> Path:
-    from synthnet.commands.generate import check_generator_matches
-    from synthnet.commands.train import metrics_log, refuse_to_replace, resume_path
-    from synthnet.commands.train_grpo import ensure_imitation
+    from synthnet.commands.artifacts import check_generator_matches, metrics_log, refuse_to_replace, resume_path
+    from synthnet.commands.train_imitation import ensure_imitation
     from synthnet.generation import init_tokens, target_layout
     from synthnet.generators import build_generator, load_generator, save_generator
     from synthnet.methods.imitation import EMA, load_optimizer_tensors, optimizer_tensors

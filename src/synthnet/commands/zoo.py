@@ -7,7 +7,8 @@ import time
 
 from omegaconf import DictConfig
 
-from synthnet.cli import command, container, positive_int
+from synthnet.budget import check_files_on_disk
+from synthnet.config import command, container, non_negative_int, number, positive_int
 
 log = logging.getLogger("synthnet")
 
@@ -26,13 +27,19 @@ def zoo_command(cfg: DictConfig) -> None:
     positive_int(cfg, "zoo.epochs")
     if cfg.zoo.group_size is not None:
         positive_int(cfg, "zoo.group_size")
-    recipe = Recipe(epochs=cfg.zoo.epochs, batch_size=cfg.zoo.batch_size, optimizer=cfg.zoo.optimizer,
-                    lr=float(cfg.zoo.lr), momentum=float(cfg.zoo.momentum), weight_decay=float(cfg.zoo.weight_decay),
-                    checkpoint_every=cfg.zoo.checkpoint_every)
+    first_seed = non_negative_int(cfg, "zoo.first_seed")
+    if cfg.zoo.checkpoint_every is not None:
+        positive_int(cfg, "zoo.checkpoint_every")
+    recipe = Recipe(epochs=cfg.zoo.epochs, batch_size=positive_int(cfg, "zoo.batch_size"),
+                    optimizer=cfg.zoo.optimizer, lr=number(cfg, "zoo.lr"), momentum=number(cfg, "zoo.momentum"),
+                    weight_decay=number(cfg, "zoo.weight_decay"), checkpoint_every=cfg.zoo.checkpoint_every)
     task = build_task(container(cfg.task), cfg.paths.data_dir)
     model = build_target(container(cfg.target), task.input_shape, task.num_classes).to(torch.device(cfg.device))
+    per_run = steps_per_epoch(task, recipe) * recipe.epochs // (recipe.checkpoint_every or steps_per_epoch(task, recipe)) + 2
+    check_files_on_disk(cfg, f"zoo.runs={runs} ({per_run} checkpoints a run)", runs * per_run,
+                        sum(p.numel() for p in model.parameters()), cfg.paths.checkpoints_dir)
     spec = ZooSpec(container(cfg.target), container(cfg.task), recipe)
-    seeds = list(range(cfg.zoo.first_seed, cfg.zoo.first_seed + runs))
+    seeds = list(range(first_seed, first_seed + runs))
     rank, world_size = distributed.setup(cfg.device)
     start = time.perf_counter()
     if rank == 0:

@@ -164,7 +164,12 @@ def build_target(cfg: Mapping, input_shape: Sequence[int], num_classes: int) -> 
     name = cfg["name"]
     if name not in TARGETS:
         raise SynthNetError(f"unknown target '{name}'; available: {', '.join(sorted(TARGETS))}")
-    return TARGETS[name](cfg, tuple(input_shape), int(num_classes))
+    try:
+        return TARGETS[name](cfg, tuple(input_shape), int(num_classes))
+    except (TypeError, ValueError) as exc:  # an option of the wrong type or out of range, from the config
+        options = {k: v for k, v in dict(cfg).items() if k != "name"}
+        raise SynthNetError(f"target={name} cannot be built from target options {options} "
+                            f"({str(exc).strip().splitlines()[0]})") from None
 
 
 def init_state_dict(cfg: Mapping, input_shape: Sequence[int], num_classes: int, seed: int) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from synthnet.tasks import Task, carve_validation, make_task
+from synthnet.tasks.base import Task, carve_validation, make_task
 
 
 def load_digits_task(cfg: Mapping) -> Task:

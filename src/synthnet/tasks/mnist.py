@@ -16,7 +16,7 @@ import numpy as np
 
 from synthnet.errors import SynthNetError
 from synthnet.storage import atomic_path
-from synthnet.tasks import Task, carve_validation, make_task
+from synthnet.tasks.base import Task, carve_validation, make_task
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",

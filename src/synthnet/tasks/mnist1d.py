@@ -12,7 +12,7 @@ import random
 
 import numpy as np
 
-from synthnet.tasks import Task, carve_validation, make_task
+from synthnet.tasks.base import Task, carve_validation, make_task
 
 
 def load_mnist1d_task(cfg: Mapping) -> Task:

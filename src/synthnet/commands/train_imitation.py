@@ -1,0 +1,175 @@
+"""``synthnet train method=imitation``: the generator learns to map each zoo checkpoint to a later one of
+the same run; :func:`ensure_imitation` trains it first when a later stage (task loss, GRPO) needs it."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from synthnet.commands.artifacts import (generator_path, imitation_path, metrics_log, refuse_to_replace,
+                                         resume_path)
+from synthnet.config import container, positive_int
+from synthnet.errors import SynthNetError
+
+log = logging.getLogger("synthnet")
+
+_NOT_SETTINGS = {"name", "runs", "val_runs"}
+
+
+def imitation_settings(method: dict, seed: int):
+    from synthnet.methods.imitation import ImitationSettings
+
+    known = {f.name for f in dataclasses.fields(ImitationSettings)}
+    unknown = sorted(set(method) - known - _NOT_SETTINGS)
+    if unknown:
+        raise SynthNetError(f"unknown option method.{unknown[0]}; available: {', '.join(sorted(known - {'seed'}))}")
+    return ImitationSettings(**{k: v for k, v in method.items() if k in known}, seed=seed)
+
+
+def train_imitation_command(cfg: DictConfig) -> None:
+    import torch
+
+    from synthnet.generation import target_layout
+    from synthnet.generators import build_generator, save_generator
+    from synthnet.methods.data import load_zoo_tokens, split_runs
+    from synthnet.methods.imitation import (EMA, TrainState, load_optimizer_tensors, optimizer_tensors,
+                                            train_imitation)
+    from synthnet.evaluation.scoring import accuracy_and_loss
+    from synthnet.sampling import sample
+    from synthnet.storage import load_state_dict, save_state_dict
+    from synthnet.tasks import build_task
+    from synthnet.tokenization import detokenize
+
+    positive_int(cfg, "generate.steps")
+    method, generator_config = container(cfg.method), container(cfg.generator)
+    target_config, task_config = container(cfg.target), container(cfg.task)
+    settings = imitation_settings(method, int(cfg.seed))
+    device = torch.device(cfg.device)
+    torch.manual_seed(int(cfg.seed))
+    task = build_task(task_config, cfg.paths.data_dir)
+    template, layout = target_layout(target_config, task.input_shape, task.num_classes,
+                                     int(generator_config.get("chunk_size", 64)))
+    zoo = load_zoo_tokens(cfg.paths.checkpoints_dir, layout, template.layer_specs(), template.state_dict(),
+                          target_config=target_config, max_runs=method.get("runs"))
+    train_index, val_index = split_runs(zoo.num_runs, int(method.get("val_runs") or 0))
+    train_data, val_data = zoo.select(train_index), zoo.select(val_index)
+    log.info("%s; zoo %s: %d training runs (seeds %s), %d validation runs, %d checkpoints each, %d tokens x %d",
+             task.summary(), cfg.paths.checkpoints_dir, train_data.num_runs, _seed_range(train_data.seeds),
+             val_data.num_runs, zoo.times.shape[1], layout.num_tokens, layout.chunk_size)
+    if train_data.num_runs < 128:
+        log.warning("only %d training runs: expect a generator that generalises poorly to new inits (digits "
+                    "MLP, 4 steps: 28 runs -> ~55%% test accuracy, 252 -> ~80%%, 1020 -> ~86%%); build more "
+                    "with `synthnet zoo zoo.runs=1024` (about a minute)", train_data.num_runs)
+
+    path = generator_path(cfg, cfg.train.output)
+    state_path = resume_path(path)
+    fingerprint = hashlib.sha256(json.dumps(
+        [generator_config, method, target_config, task_config, zoo.seeds, int(cfg.seed)], sort_keys=True,
+        default=str).encode()).hexdigest()[:16]
+    refuse_to_replace(cfg, path, fingerprint)
+    model = build_generator(generator_config, layout).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    ema = EMA(model, settings.ema_decay)
+    start_step = 0
+    if cfg.train.resume and state_path.exists():
+        tensors, meta = load_state_dict(state_path)
+        if meta.get("fingerprint") != fingerprint:
+            raise SynthNetError(f"{state_path} holds an interrupted training with other settings; remove it "
+                                f"or pass train.resume=false to start over")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        load_optimizer_tensors(optimizer, {k[10:]: v.to(device) for k, v in tensors.items()
+                                           if k.startswith("optimizer.")})
+        start_step = int(meta["step"])
+        log.info("resuming %s from step %d", path, start_step)
+    elif cfg.train.resume and path.exists():
+        from synthnet.storage import read_metadata
+        meta = read_metadata(path)
+        if meta.get("fingerprint") == fingerprint and meta.get("step") == settings.steps:
+            print(f"train: {path} is already trained with these settings (train.resume=false retrains)")
+            return
+    if start_step == 0:
+        log.info("generator %s: %d parameters -> %s", generator_config["name"],
+                 sum(p.numel() for p in model.parameters()), path)
+
+    # held-out evaluation: networks generated from the validation runs' inits, scored on the val split
+    steps = int(cfg.generate.steps)
+    x_val, y_val = task.x_val.to(device), task.y_val.to(device)
+    template = template.to(device)
+    val_inits = val_data.tokens[:, 0].to(device) if val_data.num_runs else None
+    sgd_val = (float(accuracy_and_loss(template, {k: v.to(device) for k, v in
+                                                  detokenize(val_data.tokens[:, -1], layout).items()},
+                                       x_val, y_val)[0].mean()) if val_inits is not None else None)
+
+    def evaluate(ema_model) -> dict[str, float]:
+        if val_inits is None:
+            return {}
+        with torch.no_grad():
+            result = sample(ema_model, val_inits, layout.to(device), steps)
+        stacked = detokenize(result.final, layout)
+        accuracy = accuracy_and_loss(template, stacked, x_val, y_val)[0]
+        return {f"val_accuracy_{steps}_steps": float(accuracy.mean()), "val_accuracy_sgd": sgd_val}
+
+    on_metrics, writer = metrics_log(cfg, path, start_step, "imitation")
+
+    extra = {"method": method["name"], "method_config": method, "fingerprint": fingerprint,
+             "steps": settings.steps, "input_shape": list(task.input_shape), "num_classes": task.num_classes,
+             "num_tokens": layout.num_tokens, "zoo": str(cfg.paths.checkpoints_dir),
+             "train_seeds": train_data.seeds, "val_seeds": val_data.seeds}
+
+    def on_save(state: TrainState) -> None:
+        # the generator file is written once, finished; until then only the resume state exists
+        if state.step >= settings.steps:
+            scalars = {k: v for k, v in state.metrics.items() if isinstance(v, (int, float))}
+            save_generator(path, state.ema.model, config=generator_config, target_config=target_config,
+                           task_config=task_config, chunk_size=layout.chunk_size,
+                           extra={**extra, "step": state.step, "metrics": scalars, "finished": True})
+        if state.step < settings.steps:
+            tensors = {**{f"model.{k}": v for k, v in state.model.state_dict().items()},
+                       **{f"ema.{k}": v for k, v in state.ema.model.state_dict().items()},
+                       **{f"optimizer.{k}": v for k, v in optimizer_tensors(state.optimizer).items()}}
+            save_state_dict(state_path, tensors, {"fingerprint": fingerprint, "step": state.step})
+        elif state_path.exists():
+            state_path.unlink()
+
+    metrics = train_imitation(model, optimizer, train_data, settings, ema=ema, val_data=val_data,
+                              start_step=start_step, evaluate=evaluate, on_metrics=on_metrics, on_save=on_save,
+                              progress=bool(cfg.progress))
+    if writer is not None:
+        writer.close()
+    print(f"train: {generator_config['name']} ({method['name']}) -> {path}")
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()
+            if isinstance(v, (int, float))]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"| {k.ljust(width)} | {v} |" for k, v in rows))
+
+
+def _seed_range(seeds: list[int]) -> str:
+    return f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+
+
+def ensure_imitation(cfg: DictConfig) -> Path:
+    """The generator file a later stage starts from (``imitation_path``), training imitation first with
+    ``method.imitation`` when it is the default file and it is missing."""
+    path = imitation_path(cfg)
+    if path.exists():
+        return path
+    if cfg.method.get("source") or not cfg.method.get("imitation_first", True) or "imitation" not in cfg.method:
+        raise SynthNetError(f"no imitation generator {path}; run `synthnet train method=imitation` first "
+                            f"(same target, task and generator overrides) or set method.imitation_first=true")
+    log.info("no %s yet: training imitation first (settings in method.imitation)", path.name)
+    imitation_cfg = copy.deepcopy(cfg)
+    OmegaConf.set_struct(imitation_cfg, False)
+    imitation_cfg.method = OmegaConf.create(OmegaConf.to_container(cfg.method.imitation, resolve=True))
+    if "train" in imitation_cfg:
+        imitation_cfg.train.output = None  # train.output names the GRPO file, not the imitation one
+    train_imitation_command(imitation_cfg)
+    if not path.exists():
+        raise SynthNetError(f"imitation training finished without writing {path}")
+    return path
