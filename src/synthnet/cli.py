@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         check_common(cfg, overrides, writes=name != "config")
         COMMANDS[name][0](cfg)
     except SynthNetError as exc:
-        print(f"synthnet: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split("\n"))  # one line, whatever a file's header put into it
+        print(f"synthnet: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("synthnet: interrupted; completed files are kept, partial ones were never written", file=sys.stderr)

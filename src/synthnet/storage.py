@@ -53,7 +53,7 @@ def _decode(raw: Mapping[str, str] | None, path: str | Path | None = None) -> di
     out: dict[str, Any] = {}
     for key, value in (raw or {}).items():
         if isinstance(value, str) and value[:1] in "[{" and _depth(value) > MAX_HEADER_DEPTH:
-            raise SynthNetError(f"header key '{key}' of {path} is nested deeper than {MAX_HEADER_DEPTH} levels; "
+            raise SynthNetError(f"header key {key!r} of {path} is nested deeper than {MAX_HEADER_DEPTH} levels; "
                                 f"not a file SynthNet wrote")
         try:
             out[key] = json.loads(value)
@@ -169,7 +169,7 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], path: str | Path | None
     for name, tensor in state_dict.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             where = f" in {path}" if path is not None else ""
-            raise SynthNetError(f"tensor '{name}'{where} holds NaN or Inf values")
+            raise SynthNetError(f"tensor {name!r}{where} holds NaN or Inf values")
 
 
 def check_against(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor | torch.Size],
@@ -178,17 +178,17 @@ def check_against(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str,
     where = f" in {path}" if path is not None else ""
     for name in expected:
         if name not in state_dict:
-            raise SynthNetError(f"tensor '{name}' missing{where} ({expects} has it)")
+            raise SynthNetError(f"tensor {name!r} missing{where} ({expects} has it)")
     for name in state_dict:
         if name not in expected:
-            raise SynthNetError(f"unexpected tensor '{name}'{where} ({expects} has no such tensor)")
+            raise SynthNetError(f"unexpected tensor {name!r}{where} ({expects} has no such tensor)")
     for name, ref in expected.items():
         shape = tuple(ref.shape if isinstance(ref, torch.Tensor) else ref)
         if tuple(state_dict[name].shape) != shape:
-            raise SynthNetError(f"tensor '{name}'{where} has shape {tuple(state_dict[name].shape)}, "
+            raise SynthNetError(f"tensor {name!r}{where} has shape {tuple(state_dict[name].shape)}, "
                                 f"{expects} expects {shape}")
         if isinstance(ref, torch.Tensor) and state_dict[name].dtype != ref.dtype:  # never cast silently
-            raise SynthNetError(f"tensor '{name}'{where} is {str(state_dict[name].dtype).removeprefix('torch.')}, "
+            raise SynthNetError(f"tensor {name!r}{where} is {str(state_dict[name].dtype).removeprefix('torch.')}, "
                                 f"{expects} expects {str(ref.dtype).removeprefix('torch.')}")
 
 

@@ -117,7 +117,10 @@ def recipe_from_header(recipe: Any, path: str | Path) -> dict[str, Any]:
     known = {f.name for f in fields(Recipe)}
     unknown = sorted(set(recipe) - known)
     if unknown:
-        raise SynthNetError(f"{path}: unknown recipe field '{unknown[0]}' in its header (known: {', '.join(sorted(known))})")
+        raise SynthNetError(f"{path}: unknown recipe field {unknown[0]!r} in its header (known: {', '.join(sorted(known))})")
+    missing = sorted(known - set(recipe) - {"checkpoint_every"})
+    if missing:
+        raise SynthNetError(f"{path}: its header's recipe lacks {missing[0]!r}; the twins could not train as the zoo did")
     for key in ("epochs", "batch_size"):
         value = recipe.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -129,6 +132,11 @@ def recipe_from_header(recipe: Any, path: str | Path) -> dict[str, Any]:
     if int(recipe.get("epochs", 1)) > MAX_HEADER_EPOCHS:
         raise SynthNetError(f"{path}: recipe epochs {recipe['epochs']} is over {MAX_HEADER_EPOCHS}; "
                             f"not trusted from a header (the twins would train that long)")
+    every = recipe.get("checkpoint_every")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int)):
+        raise SynthNetError(f"{path}: recipe 'checkpoint_every' must be an integer or null, got {every!r}")
+    if not isinstance(recipe.get("optimizer"), str):
+        raise SynthNetError(f"{path}: recipe 'optimizer' must be a name, got {recipe.get('optimizer')!r}")
     Recipe(**recipe)  # the remaining checks (positive values, known optimizer)
     return dict(recipe)
 

@@ -43,7 +43,7 @@ class Recipe:
         if int(self.batch_size) <= 0:
             raise SynthNetError(f"zoo.batch_size must be positive, got {self.batch_size}")
         if self.optimizer not in ("adam", "adamw", "sgd"):
-            raise SynthNetError(f"unknown zoo.optimizer '{self.optimizer}'; available: adam, adamw, sgd")
+            raise SynthNetError(f"unknown zoo.optimizer {self.optimizer!r}; available: adam, adamw, sgd")
         if self.checkpoint_every is not None and int(self.checkpoint_every) <= 0:
             raise SynthNetError(f"zoo.checkpoint_every must be positive or null, got {self.checkpoint_every}")
         if not float(self.lr) > 0:
