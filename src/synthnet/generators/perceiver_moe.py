@@ -193,7 +193,7 @@ def _connection(layout: TokenLayout, index: int) -> int | None:
 class PerceiverMoEGenerator(nn.Module):
     """Denoiser ``(tokens (B, N, C), t_source (B,), t_target (B,), layout) -> tokens (B, N, C)``."""
 
-    def __init__(self, *, chunk_size: int, d_model: int = 96, num_latents: int = 32, num_blocks: int = 2,
+    def __init__(self, *, chunk_size: int, d_model: int = 64, num_latents: int = 32, num_blocks: int = 2,
                  num_heads: int = 4, ff_multiplier: int = 2, num_experts: int = 4, top_k: int = 2,
                  time_dim: int = 64, condition_dim: int = 0, predict: str = "delta", neuron_messages: bool = True,
                  message_rank: int = 32, max_output_units: int = 64, balance_loss_weight: float = 0.01,

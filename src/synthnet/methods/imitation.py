@@ -57,8 +57,8 @@ class ImitationSettings:
     consistency_weight: float = 0.0
     consistency_batch_size: int = 16
     log_every: int = 100
-    eval_every: int = 250
-    save_every: int = 250
+    eval_every: int = 300
+    save_every: int = 300
     seed: int = 0
 
     def __post_init__(self):

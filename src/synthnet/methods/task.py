@@ -57,9 +57,9 @@ class TaskSettings:
     batch_size: int = 256  # training examples per step (shared by every generated network)
     generation_steps: int = 4  # sampler steps unrolled with gradients
     step_weights: tuple[float, ...] | None = None  # loss weight of each step's networks; None = last only
-    anchor_weight: float = 1.0  # weight of the distance to the frozen imitation generator's outputs
+    anchor_weight: float = 0.1  # weight of the distance to the frozen imitation generator's outputs
     auxiliary_weight: float = 1.0  # multiplies the generator's own (already weighted) MoE auxiliary loss
-    lr: float = 3e-4
+    lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
