@@ -371,3 +371,22 @@ def test_interrupted_grpo_leaves_no_generator_file_and_resumes_exactly(tmp_path,
     a, _ = load_state_dict(finished)
     b, _ = load_state_dict(resumed)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_grpo_with_other_settings_is_refused_not_continued(tmp_path):
+    from synthnet.commands.artifacts import grpo_path
+    from synthnet.commands.train_grpo import train_grpo
+    from synthnet.errors import SynthNetError
+    from synthnet.storage import read_metadata
+
+    cfg = _grpo_config(tmp_path, "method.iterations=1")
+    _write_imitation_stand_in(cfg)
+    path = train_grpo(cfg)
+    before = path.read_bytes()
+    with pytest.raises(SynthNetError, match="other GRPO settings"):
+        train_grpo(_grpo_config(tmp_path, "method.iterations=2", "method.lr=0.5"))
+    assert path.read_bytes() == before
+    assert read_metadata(train_grpo(_grpo_config(tmp_path, "method.iterations=2")))["grpo_iteration"] == 2
+    again = train_grpo(_grpo_config(tmp_path, "method.iterations=1", "method.lr=0.5", "train.overwrite=true"))
+    assert again == grpo_path(cfg) and read_metadata(again)["method_config"]["lr"] == 0.5
+    assert read_metadata(again)["grpo_iteration"] == 1  # started over

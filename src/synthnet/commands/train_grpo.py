@@ -159,6 +159,16 @@ def train_grpo(cfg: DictConfig) -> Path:
         if metadata.get("imitation_fingerprint") != imitation.metadata.get("fingerprint"):
             raise SynthNetError(f"{found} was tuned from another version of {source.name}; remove it "
                                 f"or pass train.resume=false to start over")
+        free = {"iterations", "log_every", "save_every", "source", "imitation"}  # may change between runs
+        same = lambda method: {k: v for k, v in (method or {}).items() if k not in free}  # noqa: E731
+        if same(metadata.get("method_config")) != same(container(cfg.method)) or \
+                metadata.get("reward_config") != container(cfg.reward):
+            if not bool(cfg.train.get("overwrite", False)):
+                raise SynthNetError(f"{found} was tuned with other GRPO settings; pass train.output=<new file> "
+                                    f"to tune beside it, or train.overwrite=true to start it over (raising "
+                                    f"method.iterations alone continues it)")
+            found = None
+    if found is not None:
         start = int(metadata.get("grpo_iteration", 0))
         if found == state_path:
             load_resume_state(state_path, policy, optimizer)
