@@ -154,3 +154,30 @@ def test_damaged_bytes_load_or_are_a_one_line_error(checkpoint_file, tmp_path, c
             read(path)
         except SynthNetError as exc:
             _one_line(exc)
+
+
+ZOO_KEYS = ["zoo.runs", "zoo.epochs", "zoo.batch_size", "zoo.lr", "zoo.momentum", "zoo.weight_decay",
+            "zoo.optimizer", "zoo.first_seed", "zoo.checkpoint_every", "zoo.group_size", "target.hidden",
+            "target.activation", "task.val_fraction", "task.test_fraction", "task.split_seed", "seed", "device"]
+override_values = (st.integers(-10 ** 9, 10 ** 9).map(str) | st.floats(allow_nan=True).map(str)
+                   | st.sampled_from(["abc", "null", "[]", "[3,-1]", "[abc]", "{a: 1}", "true", "''", "1e400",
+                                      "nan", "-0", "[8, 8]", "relu", "sgd", "cpu", "cuda"]))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(ZOO_KEYS), value=override_values)
+def test_a_fuzzed_zoo_override_runs_or_is_a_one_line_error(tmp_path_factory, capsys, key, value):
+    """Whatever one zoo/target/task override holds, `synthnet zoo` (smoke sized) exits 0 or 2 with one
+    line on stderr; no traceback escapes. Sizes that would run long are capped by the other keys."""
+    from synthnet.cli import main
+
+    root = tmp_path_factory.mktemp("zoo")
+    caps = [k for k in ("zoo.runs=2", "zoo.epochs=1", "task.val_fraction=0.1") if not k.startswith(key + "=")]
+    if key in ("zoo.runs", "zoo.epochs") and value.lstrip("-").isdigit() and int(value) > 3:
+        value = "3"  # a valid large value would only take long: the size checks have their own tests
+    capsys.readouterr()
+    code = main(["zoo", "experiment=smoke", f"paths.root={root}", "progress=false", *caps, f"{key}={value}"])
+    err = capsys.readouterr().err.strip()
+    assert code in (0, 2), (key, value, code)
+    if code == 2:
+        assert len(err.splitlines()) == 1 and err.startswith("synthnet: error:"), (key, value, err)

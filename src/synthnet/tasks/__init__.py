@@ -42,4 +42,17 @@ def build_task(cfg: Mapping, data_dir: str | Path) -> Task:
     name = cfg["name"]
     if name not in TASKS:
         raise SynthNetError(f"unknown task '{name}'; available: {', '.join(sorted(TASKS))}")
-    return TASKS[name](cfg, Path(data_dir))
+    for key in ("test_fraction", "val_fraction"):
+        value = cfg.get(key)
+        if key in cfg and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
+            raise SynthNetError(f"task.{key} must be a number in (0, 1), got {value!r}")
+    for key in ("split_seed", "seed", "data_seed", "num_samples"):
+        value = cfg.get(key)
+        if key in cfg and value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise SynthNetError(f"task.{key} must be an integer >= 0, got {value!r}")
+    try:
+        return TASKS[name](cfg, Path(data_dir))
+    except (TypeError, ValueError) as exc:  # another option of the wrong type or out of range
+        options = {k: v for k, v in dict(cfg).items() if k != "name"}
+        raise SynthNetError(f"task={name} cannot be built from task options {options} "
+                            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None

@@ -46,8 +46,12 @@ class Recipe:
             raise SynthNetError(f"unknown zoo.optimizer {self.optimizer!r}; available: adam, adamw, sgd")
         if self.checkpoint_every is not None and int(self.checkpoint_every) <= 0:
             raise SynthNetError(f"zoo.checkpoint_every must be positive or null, got {self.checkpoint_every}")
-        if not float(self.lr) > 0:
-            raise SynthNetError(f"zoo.lr must be positive, got {self.lr}")
+        if not 0 < float(self.lr) <= 100:
+            raise SynthNetError(f"zoo.lr must be in (0, 100], got {self.lr}")
+        if not 0 <= float(self.momentum) < 1:
+            raise SynthNetError(f"zoo.momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= float(self.weight_decay) <= 1:
+            raise SynthNetError(f"zoo.weight_decay must be in [0, 1], got {self.weight_decay}")
 
 
 @dataclass
