@@ -18,8 +18,8 @@ from synthnet.errors import SynthNetError
 
 
 def _size(num_bytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if num_bytes < 1024 or unit == "PB":
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if num_bytes < 1024:
             return f"{num_bytes:.1f} {unit}"
         num_bytes /= 1024
     return f"{num_bytes:.1f} PB"
@@ -33,12 +33,17 @@ def available_memory() -> int:
         return 1 << 50
 
 
-def free_disk(path: str | Path) -> int:
-    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
+def nearest_existing(path: str | Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent (what a mkdir would write into)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def free_disk(path: str | Path) -> int:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
+    return shutil.disk_usage(nearest_existing(path)).free
 
 
 def check_fits(cfg: DictConfig, what: str, needed: float, available: float, where: str) -> None:

@@ -11,6 +11,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from synthnet.budget import nearest_existing
 from synthnet.errors import SynthNetError
 
 COMMANDS: dict[str, tuple[Callable[[DictConfig], None], str]] = {}
@@ -131,8 +132,6 @@ def check_common(cfg: DictConfig, overrides: list[str], writes: bool) -> None:
         path = Path(str(root)).absolute()
         if path.exists() and not path.is_dir():
             raise SynthNetError(f"paths.root={root} is a file, not a folder")
-        nearest = path
-        while not nearest.exists() and nearest != nearest.parent:
-            nearest = nearest.parent
+        nearest = nearest_existing(path)
         if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
             raise SynthNetError(f"paths.root={root} cannot be written ({nearest} is read-only or not a folder)")

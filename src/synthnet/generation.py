@@ -45,9 +45,12 @@ class GeneratedNetworks:
 def init_tokens(target_config: Mapping, input_shape: Sequence[int], num_classes: int, seeds: Sequence[int],
                 layout: TokenLayout) -> torch.Tensor:
     """Tokens (B, N, C) of the target's own random inits for ``seeds``."""
-    inits = [init_state_dict(target_config, input_shape, num_classes, int(s)) for s in seeds]
-    stacked = {name: torch.stack([sd[name] for sd in inits]) for name in inits[0]}
-    return tokenize(stacked, layout)
+    return stacked_tokens([init_state_dict(target_config, input_shape, num_classes, int(s)) for s in seeds], layout)
+
+
+def stacked_tokens(state_dicts: Sequence[Mapping[str, torch.Tensor]], layout: TokenLayout) -> torch.Tensor:
+    """Tokens (B, N, C) of B state dicts of one target."""
+    return tokenize({name: torch.stack([sd[name] for sd in state_dicts]) for name in state_dicts[0]}, layout)
 
 
 def generate_networks(model, layout: TokenLayout, target_config: Mapping, input_shape: Sequence[int],
@@ -68,7 +71,7 @@ def generate_networks(model, layout: TokenLayout, target_config: Mapping, input_
         device = params[0].device if params else torch.device("cpu")
     inits = [init_state_dict(target_config, input_shape, num_classes, int(s)) for s in seeds]
     start = time.perf_counter()  # the clock starts with the inits in hand, as the SGD twins' does
-    x0 = tokenize({name: torch.stack([sd[name] for sd in inits]) for name in inits[0]}, layout).to(device)
+    x0 = stacked_tokens(inits, layout).to(device)
     device_layout = layout.to(device)
     with torch.no_grad():
         result = sample(model, x0, device_layout, steps, noise_scale=noise_scale, generator=rng, times=times)

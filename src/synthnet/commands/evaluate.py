@@ -123,10 +123,10 @@ def evaluate_command(cfg: DictConfig) -> None:
     task = build_task(task_config, cfg.paths.data_dir)
     model = build_target(target_config, task.input_shape, task.num_classes).to(device)
     specs = model.layer_specs()
-    kept = (steps + 1) * len(generator_files(cfg)) + positive_int(cfg, "evaluate.twin_checkpoints") + 2 + 8
+    files = generator_files(cfg)
+    kept = (steps + 1) * len(files) + positive_int(cfg, "evaluate.twin_checkpoints") + 2 + 8
     check_networks_in_memory(cfg, f"evaluate.count={count} (every generation step of every generator, every twin "
                              f"checkpoint, the baselines)", count * kept, sum(p.numel() for p in model.parameters()))
-    files = generator_files(cfg)
     loaded_files = []
     for path in files:  # every generator must fit before any work starts
         loaded = load_generator(path, device)
