@@ -104,17 +104,17 @@ def test_every_command_refuses_a_generator_for_another_target_or_task(tiny_zoo, 
     path = tmp_path / "digits-mlp" / "generators" / "perceiver_moe-imitation.safetensors"
     other = tmp_path / "other"
     commands = {
-        "generate": ["generate", f"generate.generator={path}"],
-        "evaluate": ["evaluate", f"evaluate.generators=[{path}]"],
-        "grpo": ["train", "method=grpo", f"method.source={path}", "method.iterations=1"],
-        "task": ["train", "method=task", f"method.source={path}", "method.steps=2"],
+        "generate": ["generate", "experiment=smoke", f"generate.generator={path}"],
+        "evaluate": ["evaluate", "experiment=smoke", f"evaluate.generators=[{path}]"],
+        "grpo": ["train", "experiment=smoke_grpo", f"method.source={path}", "method.iterations=1"],
+        "task": ["train", "experiment=smoke", "method=task", f"method.source={path}", "method.steps=2"],
     }
     capsys.readouterr()
     for name, command in commands.items():
         for wrong, message in ((["target.hidden=[8]"], "was trained for target"),
                                (["target.hidden=[16]", "task=mnist1d", "task.num_samples=400"],
                                 "was trained on task 'digits'")):
-            args = [command[0], "experiment=smoke", f"paths.root={other}", "progress=false", *wrong, *command[1:]]
+            args = [*command[:2], f"paths.root={other}", "progress=false", *wrong, *command[2:]]
             assert main(args) == 2, (name, wrong)
             err = capsys.readouterr().err.strip()
             assert message in err and len(err.splitlines()) == 1, (name, wrong, err)

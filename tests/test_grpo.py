@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from synthnet.errors import SynthNetError
 from synthnet.methods.grpo import (GRPOSettings, clipped_surrogate, group_advantages, policy_kl, rollout, tied_groups,
                                    train)
 from synthnet.methods.rewards import REWARDS, Reward, accuracy_and_loss_loop, magnitude_prune
@@ -209,11 +210,13 @@ def test_rewards_batched_equals_loop(digits_task):
                                                              hidden=[8]).state_dict().items()})
     stacked = {k: torch.stack([n[k] for n in nets]) for k in nets[0]}
     for name in REWARDS:
-        batched = Reward(name, model, digits_task.x_val, digits_task.y_val, {"prune_fraction": 0.3})(stacked)
-        looped = Reward(name, model, digits_task.x_val, digits_task.y_val, {"prune_fraction": 0.3},
-                        scoring="loop")(stacked)
+        settings = {"prune_fraction": 0.3} if name == "pruned_val_accuracy" else {}
+        batched = Reward(name, model, digits_task.x_val, digits_task.y_val, settings)(stacked)
+        looped = Reward(name, model, digits_task.x_val, digits_task.y_val, settings, scoring="loop")(stacked)
         assert batched.shape == (4,)
         assert torch.allclose(batched, looped, atol=1e-5)
+    with pytest.raises(SynthNetError, match="unknown option reward.prune_fraction"):  # an option of another reward
+        Reward("val_accuracy", model, digits_task.x_val, digits_task.y_val, {"prune_fraction": 0.3})
     accuracy, _ = accuracy_and_loss_loop(model, stacked, digits_task.x_val, digits_task.y_val)
     assert torch.allclose(Reward("val_accuracy", model, digits_task.x_val, digits_task.y_val)(stacked), accuracy)
     # pruning everything leaves bias-only networks: every input gets the same class

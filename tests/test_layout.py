@@ -74,37 +74,3 @@ def test_the_package_has_no_import_cycle():
 def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
-
-
-def test_code_defaults_equal_the_packaged_config():
-    """Settings dataclasses and generator constructors keep defaults for library use; they must be the
-    values the packaged YAML gives a user, or the two would describe different runs."""
-    import dataclasses
-    import inspect
-
-    import yaml
-
-    from synthnet.generators.flat_mlp import FlatMLPGenerator
-    from synthnet.generators.perceiver_moe import PerceiverMoEGenerator
-    from synthnet.methods.grpo import GRPOSettings
-    from synthnet.methods.imitation import ImitationSettings
-    from synthnet.methods.task import TaskSettings
-    from synthnet.zoo.training import Recipe
-
-    configs = PACKAGE / "configs"
-    load = lambda name: yaml.safe_load((configs / name).read_text())  # noqa: E731
-    differences = []
-    pairs = [(ImitationSettings, load("method/imitation.yaml")), (TaskSettings, load("method/task.yaml")),
-             (GRPOSettings, load("method/grpo.yaml")), (Recipe, load("config.yaml")["zoo"])]
-    for cls, values in pairs:
-        for f in dataclasses.fields(cls):
-            if f.name in values and values[f.name] is not None and f.default is not dataclasses.MISSING:
-                default = list(f.default) if isinstance(f.default, tuple) else f.default
-                if default != values[f.name]:
-                    differences.append(f"{cls.__name__}.{f.name}: code {default!r}, yaml {values[f.name]!r}")
-    for cls, name in ((PerceiverMoEGenerator, "generator/perceiver_moe.yaml"), (FlatMLPGenerator, "generator/flat_mlp.yaml")):
-        values = load(name)
-        for key, parameter in inspect.signature(cls.__init__).parameters.items():
-            if key in values and parameter.default is not inspect.Parameter.empty and parameter.default != values[key]:
-                differences.append(f"{cls.__name__}.{key}: code {parameter.default!r}, yaml {values[key]!r}")
-    assert not differences, differences

@@ -1,5 +1,5 @@
 """Work and memory estimated before starting: a count, a step number or a zoo size that would not fit
-in memory or on disk is refused with the estimate in the message (``+allow_large=true`` goes ahead).
+in memory or on disk is refused with the estimate in the message (``allow_large=true`` goes ahead).
 
 The estimates count what the commands keep: every generation step's networks (generate, evaluate),
 every twin checkpoint (evaluate), every zoo checkpoint file (zoo). They are lower bounds, made from the
@@ -50,7 +50,7 @@ def check_fits(cfg: DictConfig, what: str, needed: float, available: float, wher
     """Refuse ``what`` when ``needed`` bytes exceed ``available`` (unless ``allow_large``)."""
     if needed > available and not bool(cfg.get("allow_large", False)):
         raise SynthNetError(f"{what} needs about {_size(needed)} of {where}, {_size(available)} is free; "
-                            f"lower it, or pass +allow_large=true to try anyway")
+                            f"lower it, or pass allow_large=true to try anyway")
 
 
 def check_networks_in_memory(cfg: DictConfig, what: str, networks: float, parameters: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from synthnet import __version__
 from synthnet.config import COMMANDS, check_common, command, compose, config_groups
@@ -21,9 +21,11 @@ log = logging.getLogger("synthnet")
 # --------------------------------------------------------------------------- commands
 
 
-@command("config", "print the composed config with the given overrides and exit")
+@command("config", "print the composed config, every key with its meaning, and exit")
 def config_command(cfg: DictConfig) -> None:
-    print(OmegaConf.to_yaml(cfg), end="")
+    from synthnet.configs.schema import describe
+
+    print(describe(cfg), end="")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -37,8 +39,9 @@ def usage() -> str:
     lines += ["", "config groups (choose with group=option):"]
     lines += [f"  {group}: {', '.join(options)}" for group, options in sorted(config_groups().items())]
     lines += ["", "Any config key can be overridden, e.g. zoo.runs=16 paths.root=/tmp/synthnet.",
-              "`synthnet config [overrides]` prints the composed config; every key is commented in",
-              "the packaged YAML files (src/synthnet/configs/).",
+              "`synthnet config [overrides]` prints the composed config with each key's meaning",
+              "(the typed schema: src/synthnet/configs/schema.py); a wrong type or a value out of",
+              "range is refused before any work, naming the key.",
               "Multi-process: torchrun --nproc_per_node=2 -m synthnet zoo ..."]
     return "\n".join(lines)
 

@@ -26,12 +26,12 @@ def command(name: str, help_text: str):
 
 
 def config_groups() -> dict[str, list[str]]:
-    """``{group: [option, ...]}`` for every config group packaged with SynthNet."""
-    root = resources.files("synthnet.configs")
-    groups = {}
-    for entry in root.iterdir():
-        if entry.is_dir() and not entry.name.startswith("_"):
-            groups[entry.name] = sorted(p.name[:-5] for p in entry.iterdir() if p.name.endswith(".yaml"))
+    """``{group: [option, ...]}``: the schema's group options and the packaged experiment presets."""
+    from synthnet.configs.schema import GROUPS
+
+    groups = {group: sorted(options) for group, options in GROUPS.items()}
+    presets = resources.files("synthnet.configs") / "experiment"
+    groups["experiment"] = sorted(p.name[:-5] for p in presets.iterdir() if p.name.endswith(".yaml"))
     return groups
 
 
@@ -43,19 +43,55 @@ def _check_group_overrides(overrides: list[str]) -> None:
             raise SynthNetError(f"unknown {key} '{value}'; available: {', '.join(groups[key])}")
 
 
+def _composition_error(exc: Exception) -> str:
+    """One line naming the key and the problem, from Hydra's or OmegaConf's exception chain (the key's
+    error is the chain's ``__cause__`` or ``__context__``; Hydra names the YAML file that set it)."""
+    import re
+
+    from omegaconf.errors import OmegaConfBaseException
+
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    source = re.match(r"In '([^']+)':", first)
+    cause: BaseException | None = exc
+    while cause is not None and not (isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None)):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return first
+    message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    where = f" (set by {source.group(1)}.yaml)" if source else ""
+    if "not in" in message or "is not in struct" in message:
+        if source:
+            return f"unknown config key '{cause.full_key}'{where}: it does not apply to the chosen config groups"
+        return f"unknown config key '{cause.full_key}' (a typo? `synthnet config` prints every key)"
+    converted = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", message)
+    if converted:
+        kind = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}.get(
+            converted.group(2), converted.group(2).lower())
+        return f"{cause.full_key} must be {kind}, got '{converted.group(1)}'{where}"
+    if "is not a ListConfig, list or tuple" in message:
+        return f"{cause.full_key} must be a list, e.g. [32, 16]{where}"
+    return f"{cause.full_key}: {message}{where}"
+
+
 def compose(overrides: list[str]) -> DictConfig:
-    """The root config with ``overrides`` applied, all interpolations resolved."""
+    """The root config with ``overrides`` applied, all interpolations resolved, every value type- and
+    range-checked against the schema (``synthnet/configs/schema.py``)."""
     from hydra import compose as hydra_compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from synthnet.configs.schema import check_ranges, register
+
+    register()
     _check_group_overrides(overrides)
+    overrides = [o[1:] if o.startswith("+allow_large=") else o for o in overrides]  # an older spelling
     try:
         with initialize_config_module(config_module="synthnet.configs", version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=overrides)
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise SynthNetError(f"bad config override: {str(exc).strip().splitlines()[0]}") from None
+        raise SynthNetError(f"bad config override: {_composition_error(exc)}") from None
+    check_ranges(cfg)
     return cfg
 
 
@@ -63,54 +99,13 @@ def container(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
 
 
-def positive_int(cfg: DictConfig, key: str) -> int:
-    value = OmegaConf.select(cfg, key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise SynthNetError(f"{key} must be a positive integer, got {value!r}")
-    return value
-
-
-def non_negative_int(cfg: DictConfig, key: str) -> int:
-    value = OmegaConf.select(cfg, key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise SynthNetError(f"{key} must be an integer >= 0, got {value!r}")
-    return value
-
-
-def number(cfg: DictConfig, key: str) -> float:
-    """``key`` as a finite float, or a one-line error naming it."""
-    value = OmegaConf.select(cfg, key)
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        raise SynthNetError(f"{key} must be a number, got {value!r}") from None
-    if result != result or result in (float("inf"), float("-inf")):
-        raise SynthNetError(f"{key} must be a finite number, got {value!r}")
-    return result
-
-
-def _keys(node, prefix: str = "") -> set[str]:
-    out = set()
-    for key, value in node.items():
-        path = f"{prefix}{key}"
-        out.add(path)
-        if isinstance(value, DictConfig):
-            out |= _keys(value, path + ".")
-    return out
-
-
 def check_common(cfg: DictConfig, overrides: list[str], writes: bool) -> None:
-    """Checks every command shares, before any work: no unknown keys, a device that exists here, seeds
-    >= 0, and (for commands that write) a ``paths.root`` that is a writable folder."""
+    """Checks every command shares, before any work: a device that exists here and (for commands that write)
+    a ``paths.root`` that is a writable folder. Unknown keys, types and ranges are refused by :func:`compose`."""
     import os
 
     import torch
 
-    groups = set(config_groups())
-    base = compose([o for o in overrides if o.lstrip("+~").partition("=")[0] in groups])
-    unknown = sorted(k for k in _keys(cfg) - _keys(base) if not k.startswith("generator.") and k != "allow_large")
-    if unknown:  # generator options are checked by the generator itself
-        raise SynthNetError(f"unknown config key '{unknown[0]}' (a typo? `synthnet config` prints every key)")
     try:
         device = torch.device(str(cfg.device))
     except RuntimeError:
@@ -122,9 +117,6 @@ def check_common(cfg: DictConfig, overrides: list[str], writes: bool) -> None:
         raise SynthNetError("device=mps but MPS is not available here; use device=cpu")
     if device.type not in ("cpu", "cuda", "mps"):
         raise SynthNetError(f"device={cfg.device} is not supported; use cpu, cuda, cuda:N or mps")
-    for key in ("seed", "zoo.first_seed", "generate.first_seed", "evaluate.first_seed", "method.first_seed"):
-        if OmegaConf.select(cfg, key) is not None:
-            non_negative_int(cfg, key)
     if writes:
         root = OmegaConf.select(cfg, "paths.root")
         if root is None or not str(root).strip():

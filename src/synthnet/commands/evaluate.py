@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from synthnet.budget import check_networks_in_memory
-from synthnet.config import command, container, positive_int
+from synthnet.config import command, container
 from synthnet.errors import SynthNetError
 
 log = logging.getLogger("synthnet")
@@ -113,8 +113,8 @@ def evaluate_command(cfg: DictConfig) -> None:
     from synthnet.targets import build_target, init_state_dict
     from synthnet.zoo.training import Recipe, steps_per_epoch
 
-    count = positive_int(cfg, "evaluate.count")
-    steps = positive_int(cfg, "evaluate.steps")
+    count = int(cfg.evaluate.count)
+    steps = int(cfg.evaluate.steps)
     pool = cfg.evaluate.novelty_pool
     if pool not in ("final", "all"):
         raise SynthNetError(f"evaluate.novelty_pool must be final or all, got {pool!r}")
@@ -124,7 +124,7 @@ def evaluate_command(cfg: DictConfig) -> None:
     model = build_target(target_config, task.input_shape, task.num_classes).to(device)
     specs = model.layer_specs()
     files = generator_files(cfg)
-    kept = (steps + 1) * len(files) + positive_int(cfg, "evaluate.twin_checkpoints") + 2 + 8
+    kept = (steps + 1) * len(files) + int(cfg.evaluate.twin_checkpoints) + 2 + 8
     check_networks_in_memory(cfg, f"evaluate.count={count} (every generation step of every generator, every twin "
                              f"checkpoint, the baselines)", count * kept, sum(p.numel() for p in model.parameters()))
     loaded_files = []
@@ -151,7 +151,7 @@ def evaluate_command(cfg: DictConfig) -> None:
             raise SynthNetError(f"{path} cannot generate {cfg.target.name} networks of this size "
                                 f"({str(exc).strip().splitlines()[0]}); leave it out of evaluate.generators") from None
         runs = [generate_networks(loaded.model, layout, target_config, task.input_shape, task.num_classes, seeds,
-                                  steps, device=device) for _ in range(positive_int(cfg, "evaluate.timing_repeats"))]
+                                  steps, device=device) for _ in range(int(cfg.evaluate.timing_repeats))]
         out, seconds = runs[-1], sorted(r.seconds for r in runs)[len(runs) // 2]  # median wall time
         generated.append(Generated(path.stem, out.state_dicts, seconds,
                                    {"file": str(path), "generator": loaded.config.get("name"), "steps": steps}))
@@ -159,10 +159,10 @@ def evaluate_command(cfg: DictConfig) -> None:
 
     recipe = Recipe(**{**recipe_fields, "checkpoint_every": None})
     final_step = int(recipe.epochs) * steps_per_epoch(task, recipe)
-    every = max(1, final_step // positive_int(cfg, "evaluate.twin_checkpoints"))
+    every = max(1, final_step // int(cfg.evaluate.twin_checkpoints))
     bar.set_postfix_str(f"SGD twins ({final_step} steps)")
     inits = [init_state_dict(target_config, task.input_shape, task.num_classes, s) for s in seeds]
-    group_size = None if cfg.zoo.group_size is None else positive_int(cfg, "zoo.group_size")
+    group_size = None if cfg.zoo.group_size is None else int(cfg.zoo.group_size)
     twins = train_twins(model, inits, seeds, task, Recipe(**{**recipe_fields, "checkpoint_every": every}),
                         group_size=group_size)  # trained as the zoo trains this target
     bar.update(3)
@@ -175,7 +175,7 @@ def evaluate_command(cfg: DictConfig) -> None:
     options = Options(insensitive_below=float(cfg.evaluate.insensitive_below),
                       collapse_below=float(cfg.evaluate.collapse_below),
                       prune_fractions=tuple(float(p) for p in cfg.evaluate.prune_fractions),
-                      zoo_rows=positive_int(cfg, "evaluate.zoo_rows"))
+                      zoo_rows=int(cfg.evaluate.zoo_rows))
 
     def tick(stage: str) -> None:
         bar.set_postfix_str(stage)

@@ -9,8 +9,7 @@ from omegaconf import DictConfig
 
 from synthnet.budget import check_files_on_disk, check_networks_in_memory
 from synthnet.commands.artifacts import check_generator_matches, generator_path
-from synthnet.config import command, container, number, positive_int
-from synthnet.errors import SynthNetError
+from synthnet.config import command, container
 
 log = logging.getLogger("synthnet")
 
@@ -29,11 +28,9 @@ def generate_command(cfg: DictConfig) -> None:
     from synthnet.tasks import build_task
     from synthnet.zoo import list_runs
 
-    count = positive_int(cfg, "generate.count")
-    steps = positive_int(cfg, "generate.steps")
-    noise_scale = number(cfg, "generate.noise_scale")
-    if noise_scale < 0:
-        raise SynthNetError(f"generate.noise_scale must be >= 0, got {noise_scale}")
+    count = int(cfg.generate.count)
+    steps = int(cfg.generate.steps)
+    noise_scale = float(cfg.generate.noise_scale)
     target_config, task_config = container(cfg.target), container(cfg.task)
     device = torch.device(cfg.device)
     path = generator_path(cfg, cfg.generate.generator)

@@ -3,7 +3,7 @@
 Starts from ``method.source`` (default ``<generators_dir>/<generator>-imitation.safetensors``),
 training it first with the imitation settings in ``method.imitation`` when it is missing
 and ``method.imitation_first`` is true (the curriculum: imitation, then GRPO, one config).
-Runs :func:`synthnet.methods.grpo.train` with the reward of ``configs/reward/`` and writes
+Runs :func:`synthnet.methods.grpo.train` with the reward chosen by ``reward=`` and writes
 ``train.output`` (default ``<generator>-grpo.safetensors``, or
 ``<generator>-grpo-<reward>.safetensors`` for a reward other than ``val_accuracy``): an
 ordinary generator file whose header also records ``method: grpo``, the reward and its
@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from synthnet.commands.artifacts import grpo_path, metrics_path, read_records, resume_path, stem_of
 from synthnet.commands.train_imitation import ensure_imitation
-from synthnet.config import container, positive_int
+from synthnet.config import container
 from synthnet.errors import SynthNetError
 from synthnet.storage import atomic_write_bytes, load_state_dict, read_metadata, save_state_dict
 
@@ -101,16 +101,14 @@ def plot_reward_curve(records: Sequence[Mapping[str, Any]], path: str | Path, ti
 
 
 def _settings(cfg: DictConfig, steps: int):
+    import dataclasses
+
     from synthnet.methods.grpo import GRPOSettings
 
-    noise = cfg.method.noise_scale
-    noise = float(noise) if isinstance(noise, (int, float)) else tuple(float(s) for s in noise)
-    return GRPOSettings(inits_per_iteration=positive_int(cfg, "method.inits_per_iteration"),
-                        group_size=positive_int(cfg, "method.group_size"), steps=steps, noise_scale=noise,
-                        clip_epsilon=float(cfg.method.clip_epsilon), inner_epochs=positive_int(cfg, "method.inner_epochs"),
-                        minibatch_size=int(cfg.method.minibatch_size or 0), beta=float(cfg.method.beta),
-                        advantage_eps=float(cfg.method.advantage_eps), max_grad_norm=float(cfg.method.max_grad_norm),
-                        aux_loss_weight=float(cfg.method.aux_loss_weight))
+    values = {f.name: container(cfg.method)[f.name] for f in dataclasses.fields(GRPOSettings) if f.name != "steps"}
+    if isinstance(values["noise_scale"], list):
+        values["noise_scale"] = tuple(values["noise_scale"])
+    return GRPOSettings(**values, steps=steps)
 
 
 def train_grpo(cfg: DictConfig) -> Path:
@@ -125,9 +123,9 @@ def train_grpo(cfg: DictConfig) -> Path:
 
     device = torch.device(cfg.device)
     target_config, task_config = container(cfg.target), container(cfg.task)
-    iterations = positive_int(cfg, "method.iterations")
+    iterations = int(cfg.method.iterations)
     steps = int(cfg.method.generation_steps) if cfg.method.get("generation_steps") is not None \
-        else positive_int(cfg, "generate.steps")
+        else int(cfg.generate.steps)
     settings = _settings(cfg, steps)
     reward_options = {k: v for k, v in container(cfg.reward).items() if k != "name"}
 
@@ -222,7 +220,7 @@ def train_grpo(cfg: DictConfig) -> Path:
                     "loss", "seconds", "evaluations_per_second"):
             writer.add_scalar(f"grpo/{key}", stats[key], iteration + 1)
         done = iteration + 1
-        if done % positive_int(cfg, "method.save_every") == 0 or done == iterations:
+        if done % int(cfg.method.save_every) == 0 or done == iterations:
             save(done)
 
     log.info("GRPO %s on %s: %d iterations x %d inits x %d candidates, %d steps, reward %s -> %s",
@@ -231,7 +229,7 @@ def train_grpo(cfg: DictConfig) -> Path:
     try:
         grpo.train(policy, reference, optimizer, layout=layout, make_inits=make_inits, reward_fn=reward_fn,
                    settings=settings, iterations=iterations, start_iteration=start, noise_seed=int(cfg.seed) * 100003,
-                   on_iteration=on_iteration, log_every=positive_int(cfg, "method.log_every"),
+                   on_iteration=on_iteration, log_every=int(cfg.method.log_every),
                    progress=bool(cfg.progress))
     finally:
         writer.close()

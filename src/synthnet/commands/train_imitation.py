@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from synthnet.commands.artifacts import (generator_path, imitation_path, metrics_log, refuse_to_replace,
                                          resume_path)
-from synthnet.config import container, positive_int
+from synthnet.config import container
 from synthnet.errors import SynthNetError
 
 log = logging.getLogger("synthnet")
@@ -46,7 +46,7 @@ def train_imitation_command(cfg: DictConfig) -> None:
     from synthnet.tasks import build_task
     from synthnet.tokenization import detokenize
 
-    positive_int(cfg, "generate.steps")
+    int(cfg.generate.steps)
     method, generator_config = container(cfg.method), container(cfg.generator)
     target_config, task_config = container(cfg.target), container(cfg.task)
     settings = imitation_settings(method, int(cfg.seed))

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from synthnet.config import container, positive_int
+from synthnet.config import container
 from synthnet.errors import SynthNetError
 
 log = logging.getLogger("synthnet")
@@ -77,11 +77,11 @@ def train_task_command(cfg: DictConfig) -> Path:
     from synthnet.tasks import build_task
 
     method = container(cfg.method)
-    settings = task_settings(method, int(cfg.seed), positive_int(cfg, "generate.steps"))
+    settings = task_settings(method, int(cfg.seed), int(cfg.generate.steps))
     device = torch.device(cfg.device)
     target_config, task_config = container(cfg.target), container(cfg.task)
     first_seed, val_first_seed = int(method["first_seed"]), int(method["val_first_seed"])
-    val_count = positive_int(cfg, "method.val_inits")
+    val_count = int(cfg.method.val_inits)
     last_train_seed = first_seed + settings.steps * settings.inits_per_step
     if first_seed <= val_first_seed < last_train_seed or val_first_seed <= first_seed < val_first_seed + val_count:
         raise SynthNetError(f"method.first_seed {first_seed} + steps x inits_per_step overlaps the validation inits "

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 from omegaconf import DictConfig
 
 from synthnet.budget import check_files_on_disk
-from synthnet.config import command, container, non_negative_int, number, positive_int
+from synthnet.config import command, container
 
 log = logging.getLogger("synthnet")
 
@@ -23,16 +24,8 @@ def zoo_command(cfg: DictConfig) -> None:
     from synthnet.zoo import ZooSpec, build_zoo, default_group_size, format_summary, summarize
     from synthnet.zoo.training import Recipe, steps_per_epoch
 
-    runs = positive_int(cfg, "zoo.runs")
-    positive_int(cfg, "zoo.epochs")
-    if cfg.zoo.group_size is not None:
-        positive_int(cfg, "zoo.group_size")
-    first_seed = non_negative_int(cfg, "zoo.first_seed")
-    if cfg.zoo.checkpoint_every is not None:
-        positive_int(cfg, "zoo.checkpoint_every")
-    recipe = Recipe(epochs=cfg.zoo.epochs, batch_size=positive_int(cfg, "zoo.batch_size"),
-                    optimizer=cfg.zoo.optimizer, lr=number(cfg, "zoo.lr"), momentum=number(cfg, "zoo.momentum"),
-                    weight_decay=number(cfg, "zoo.weight_decay"), checkpoint_every=cfg.zoo.checkpoint_every)
+    runs, first_seed = int(cfg.zoo.runs), int(cfg.zoo.first_seed)
+    recipe = Recipe(**{f.name: cfg.zoo[f.name] for f in dataclasses.fields(Recipe)})
     task = build_task(container(cfg.task), cfg.paths.data_dir)
     model = build_target(container(cfg.target), task.input_shape, task.num_classes).to(torch.device(cfg.device))
     per_run = steps_per_epoch(task, recipe) * recipe.epochs // (recipe.checkpoint_every or steps_per_epoch(task, recipe)) + 2

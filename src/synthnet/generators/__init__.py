@@ -7,8 +7,8 @@ flat baseline) and ``expert_usage()`` (a dict, or None without experts).
 
 A generator is stored as one ``.safetensors`` file holding its (EMA) weights, with the full
 generator, target and task configs and the token chunk size in the header, so the file
-alone rebuilds it. A new generator is one entry in :data:`GENERATORS` plus one YAML file in
-``configs/generator/``.
+alone rebuilds it. A new generator is one entry in :data:`GENERATORS` plus one schema line in
+``configs/schema.py`` (its options come from the constructor's signature).
 """
 
 from __future__ import annotations

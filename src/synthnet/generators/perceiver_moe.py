@@ -58,6 +58,8 @@ class TimeConditioning(nn.Module):
 
     def __init__(self, *, d_model: int, time_dim: int = 64, condition_dim: int = 0):
         super().__init__()
+        if time_dim % 2:
+            raise SynthNetError(f"time_dim must be even (sine and cosine pairs), got {time_dim}")
         self.time_dim = time_dim
         self.condition_dim = condition_dim
         self.mlp = nn.Sequential(nn.Linear(3 * time_dim + condition_dim, d_model), nn.SiLU(),

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from synthnet.errors import SynthNetError
+from synthnet.options import check_options, option
 from synthnet.sampling import gaussian_kl, noise_scales, sample, step_log_probs
 from synthnet.tokenization import TokenLayout
 
@@ -46,35 +47,28 @@ RewardFn = Callable[[torch.Tensor], torch.Tensor]  # final tokens (R, tokens, ch
 
 @dataclass(frozen=True)
 class GRPOSettings:
-    """Knobs of one GRPO run (see ``configs/method/grpo.yaml`` for their meaning)."""
+    """Knobs of one GRPO run (their meaning: each field's help, printed by ``synthnet config method=grpo``)."""
 
-    inits_per_iteration: int = 4  # B: fresh random inits per iteration
-    group_size: int = 8  # G: candidates generated from each init
-    steps: int = 4  # generation steps from t = 0 to t = 1
-    noise_scale: float | tuple[float, ...] = 0.05  # sigma per step, in token units
-    clip_epsilon: float = 0.2
-    inner_epochs: int = 2  # passes over the stored rollouts per iteration
-    minibatch_size: int = 0  # candidates per gradient step; 0 = all of them
-    beta: float = 0.01  # KL weight (0 allowed)
-    advantage_eps: float = 1e-4
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    aux_loss_weight: float = 0.0  # weight of the policy's auxiliary (MoE balancing) loss
+    inits_per_iteration: int = option(4, "B fresh random inits per iteration", low=1)
+    group_size: int = option(8, "G stochastic candidates per init (advantages compare within a group)", low=2)
+    steps: int = option(4, "generation steps from t = 0 to t = 1", low=1)
+    noise_scale: float | tuple[float, ...] = option(
+        0.05, "sigma of each stochastic step, in token units; a list gives one per step", low=0, each=True)
+    clip_epsilon: float = option(0.2, "PPO clip range of the per-step importance ratio (log-probs are means "
+                                      "over dims)", low=0, high=1, low_open=True, high_open=True)
+    inner_epochs: int = option(2, "passes over each iteration's stored rollouts", low=1)
+    minibatch_size: int = option(0, "candidates per gradient step; 0 = all B * G at once", low=0)
+    beta: float = option(0.01, "weight of the exact KL to the frozen imitation generator (0 allowed)", low=0)
+    advantage_eps: float = option(1e-4, "(r - mean) / (std + eps) within each group", low=0, low_open=True)
+    max_grad_norm: float = option(1.0, "0 = no gradient clipping", low=0)
+    aux_loss_weight: float = option(0.0, "weight of the generator's auxiliary (MoE load-balancing) loss", low=0)
 
     def __post_init__(self):
-        for name in ("inits_per_iteration", "group_size", "steps", "inner_epochs"):
-            if int(getattr(self, name)) < 1:
-                raise SynthNetError(f"method.{name} must be at least 1, got {getattr(self, name)}")
-        if int(self.group_size) < 2:
-            raise SynthNetError(f"method.group_size must be at least 2 (advantages compare candidates), "
-                                f"got {self.group_size}")
+        check_options(self, "method.")
         scales = noise_scales(self.noise_scale if isinstance(self.noise_scale, (int, float))
                               else list(self.noise_scale), int(self.steps))
-        if not any(s > 0 for s in scales) or any(s < 0 for s in scales):
+        if not any(s > 0 for s in scales):
             raise SynthNetError(f"method.noise_scale must be >= 0 with at least one positive step, got {self.noise_scale}")
-        if not 0 < float(self.clip_epsilon) < 1:
-            raise SynthNetError(f"method.clip_epsilon must be in (0, 1), got {self.clip_epsilon}")
-        if float(self.beta) < 0:
-            raise SynthNetError(f"method.beta must be >= 0, got {self.beta}")
 
     @property
     def scales(self) -> list[float]:

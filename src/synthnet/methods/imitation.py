@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from synthnet.errors import SynthNetError
 from synthnet.methods.data import ZooTokens
+from synthnet.options import check_options, option
 from synthnet.targets import LayerSpec, permute_hidden, random_permutations
 from synthnet.tokenization import TokenLayout, detokenize, tokenize
 
@@ -41,34 +42,32 @@ log = logging.getLogger("synthnet")
 class ImitationSettings:
     """Typed settings of :func:`train_imitation` (the command fills them from ``method.*``)."""
 
-    steps: int = 1200
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0
-    ema_decay: float = 0.995
-    gap: str = "any"  # any | adjacent
-    max_gap: float | None = None  # largest t2 - t1 (fraction of training); None = any
-    from_init_fraction: float = 0.5  # share of pairs forced to start at t1 = 0
-    permute: bool = True
-    noise_std: float = 0.2
-    consistency_weight: float = 0.0
-    consistency_batch_size: int = 16
-    log_every: int = 100
-    eval_every: int = 300
-    save_every: int = 300
-    seed: int = 0
+    steps: int = option(1200, "optimiser steps", low=1)
+    batch_size: int = option(64, "checkpoint pairs per step", low=1)
+    lr: float = option(2e-3, "AdamW peak learning rate", low=0, high=10, low_open=True)
+    weight_decay: float = option(0.01, "AdamW weight decay", low=0, high=1)
+    warmup_steps: int = option(100, "linear warm-up steps, then cosine decay", low=0)
+    min_lr_ratio: float = option(0.05, "final lr = min_lr_ratio * lr", low=0, high=1)
+    grad_clip: float = option(1.0, "max global gradient norm (0 = no clipping)", low=0)
+    ema_decay: float = option(0.995, "EMA of the weights; the EMA is what is saved and evaluated", low=0, high=1,
+                              high_open=True)
+    gap: str = option("any", "any: every t1 < t2 of a run | adjacent: neighbouring checkpoints only",
+                      choices=("any", "adjacent"))
+    max_gap: float | None = option(None, "largest t2 - t1 (fraction of training); null = no limit", low=0, high=1,
+                                   low_open=True)
+    from_init_fraction: float = option(0.5, "share of pairs that start at the random init (t1 = 0)", low=0, high=1)
+    permute: bool = option(True, "same random hidden-neuron permutation on both sides of a pair")
+    noise_std: float = option(0.2, "input noise augmentation: N(0, (u * noise_std)^2), u ~ U(0, 1)", low=0)
+    consistency_weight: float = option(0.0, "weight of |f(f(W,t1,t2),t2,t3) - f(W,t1,t3)|^2 (0 = off)", low=0)
+    consistency_batch_size: int = option(16, "triples per step for the consistency term", low=1)
+    log_every: int = option(100, "log line (step, loss, steps/s, expert usage) every N steps", low=1)
+    eval_every: int = option(300, "validation loss and accuracy of networks generated from held-out inits "
+                                  "every N steps", low=1)
+    save_every: int = option(300, "write the resume state every N steps", low=1)
+    seed: int = option(0, "seed of pair sampling, permutations and noise", low=0)
 
     def __post_init__(self):
-        if self.gap not in ("any", "adjacent"):
-            raise SynthNetError(f"method.gap must be 'any' or 'adjacent', got '{self.gap}'")
-        for key in ("steps", "batch_size", "log_every", "eval_every", "save_every"):
-            if int(getattr(self, key)) <= 0:
-                raise SynthNetError(f"method.{key} must be positive, got {getattr(self, key)}")
-        if not 0.0 <= self.from_init_fraction <= 1.0:
-            raise SynthNetError(f"method.from_init_fraction must be in [0, 1], got {self.from_init_fraction}")
+        check_options(self, "method.")
 
 
 # ---------------------------------------------------------------------------- data pieces

@@ -3,7 +3,7 @@
 A reward maps R stacked weight sets of one target, ``{name: (R, *shape)}``, to a tensor
 of shape (R,). Every reward is computed with :mod:`synthnet.evaluation.scoring`, so the
 number GRPO optimises is the number evaluation reports. A new reward is one entry in
-:data:`REWARDS` plus one YAML file in ``configs/reward/``.
+:data:`REWARDS`: its options class (read by the config schema) and its function.
 
 * ``val_accuracy``: validation accuracy (the default).
 * ``val_loss``: minus the validation cross-entropy.
@@ -28,6 +28,7 @@ from torch.func import functional_call
 
 from synthnet.errors import SynthNetError
 from synthnet.evaluation.scoring import accuracy_and_loss
+from synthnet.options import build_options, check_options, option
 
 StackedWeights = Mapping[str, torch.Tensor]  # {name: (R, *shape)}
 
@@ -94,24 +95,43 @@ def accuracy_and_loss_loop(model: nn.Module, stacked: StackedWeights, inputs: to
 SCORERS = {"batched": accuracy_and_loss, "loop": accuracy_and_loss_loop}
 
 
-def _val_accuracy(scores, model, stacked, inputs, labels, options):
+@dataclass(frozen=True)
+class NoOptions:
+    """A reward without options."""
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """``reward=pruned_val_accuracy``: validation accuracy after zeroing the smallest weights by magnitude
+    (:func:`magnitude_prune`; biases are kept). Non-differentiable: argmax and a top-k mask."""
+
+    prune_fraction: float = option(0.5, "p: fraction of weights zeroed, 0..1", low=0, high=1)
+    prune_scope: str = option("global", "global: p of all weights of a network ranked together | layer: p of "
+                                        "each weight tensor", choices=("global", "layer"))
+
+    def __post_init__(self):
+        check_options(self, "reward.")
+
+
+def _val_accuracy(scores, model, stacked, inputs, labels, options: NoOptions):
     return scores(model, stacked, inputs, labels)[0]
 
 
-def _val_loss(scores, model, stacked, inputs, labels, options):
+def _val_loss(scores, model, stacked, inputs, labels, options: NoOptions):
     return -scores(model, stacked, inputs, labels)[1]
 
 
-def _pruned_val_accuracy(scores, model, stacked, inputs, labels, options):
-    pruned = magnitude_prune(stacked, float(options.get("prune_fraction", 0.5)), batch_dims=1,
-                             scope=str(options.get("prune_scope", "global")))
+def _pruned_val_accuracy(scores, model, stacked, inputs, labels, options: PruneOptions):
+    pruned = magnitude_prune(stacked, float(options.prune_fraction), batch_dims=1, scope=options.prune_scope)
     return scores(model, pruned, inputs, labels)[0]
 
 
-REWARDS: dict[str, Callable] = {
-    "val_accuracy": _val_accuracy,
-    "val_loss": _val_loss,
-    "pruned_val_accuracy": _pruned_val_accuracy,
+# name -> (options class, reward function); val_accuracy (accuracy of each generated network on the
+# validation split) is the default, val_loss (minus the validation cross-entropy) is smooth and rarely ties
+REWARDS: dict[str, tuple[type, Callable]] = {
+    "val_accuracy": (NoOptions, _val_accuracy),
+    "val_loss": (NoOptions, _val_loss),
+    "pruned_val_accuracy": (PruneOptions, _pruned_val_accuracy),
 }
 
 
@@ -138,6 +158,7 @@ class Reward:
             raise SynthNetError(f"unknown reward '{self.name}'; available: {', '.join(sorted(REWARDS))}")
         if self.scoring not in SCORERS:
             raise SynthNetError(f"unknown reward scoring '{self.scoring}'; use batched or loop")
+        self.settings = build_options(REWARDS[self.name][0], self.options, "reward.")
 
     @torch.no_grad()
     def __call__(self, stacked: StackedWeights) -> torch.Tensor:
@@ -146,8 +167,8 @@ class Reward:
         start = time.perf_counter()
         device = self.inputs.device
         stacked = {k: v.detach().to(device) for k, v in stacked.items()}
-        rewards = REWARDS[self.name](SCORERS[self.scoring], self.model, stacked, self.inputs, self.labels,
-                                     self.options).float()
+        rewards = REWARDS[self.name][1](SCORERS[self.scoring], self.model, stacked, self.inputs, self.labels,
+                                        self.settings).float()
         self.seconds += time.perf_counter() - start
         self.evaluations += int(rewards.shape[0])
         return rewards

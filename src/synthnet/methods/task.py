@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from synthnet.errors import SynthNetError
 from synthnet.evaluation.scoring import batched_forward
 from synthnet.methods.imitation import EMA, layer_mse, layer_value_weights, lr_factor
+from synthnet.options import check_options, option
 from synthnet.sampling import sample
 from synthnet.tokenization import TokenLayout, detokenize
 
@@ -52,41 +53,41 @@ log = logging.getLogger("synthnet")
 class TaskSettings:
     """Typed settings of :func:`train_task` (the command fills them from ``method.*``)."""
 
-    steps: int = 1500  # optimiser steps (an upper bound: early stopping may end sooner)
-    inits_per_step: int = 8  # fresh random inits unrolled per step
-    batch_size: int = 256  # training examples per step (shared by every generated network)
-    generation_steps: int = 4  # sampler steps unrolled with gradients
-    step_weights: tuple[float, ...] | None = None  # loss weight of each step's networks; None = last only
-    anchor_weight: float = 0.1  # weight of the distance to the frozen imitation generator's outputs
-    auxiliary_weight: float = 1.0  # multiplies the generator's own (already weighted) MoE auxiliary loss
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    ema_decay: float = 0.99
-    log_every: int = 50
-    eval_every: int = 100
-    save_every: int = 100
-    patience: int = 5  # evaluations without a better validation accuracy before stopping (0 = never)
-    min_improvement: float = 0.0005  # a validation accuracy must beat the best by this much to count
-    seed: int = 0
+    steps: int = option(1500, "optimiser steps (an upper bound: early stopping may end sooner)", low=1)
+    inits_per_step: int = option(8, "fresh random inits unrolled per step", low=1)
+    batch_size: int = option(256, "training-split examples per step, shared by all generated networks", low=1)
+    generation_steps: int = option(4, "sampler steps unrolled with gradients", low=1)
+    step_weights: tuple[float, ...] | None = option(
+        None, "loss weight per generation step, e.g. [0.1, 0.1, 0.3, 1]; null = last step only", low=0, each=True)
+    anchor_weight: float = option(0.1, "weight of |f(W) - f_imitation(W)|^2 (per-layer-normalised, every "
+                                       "step); 0 = off", low=0)
+    auxiliary_weight: float = option(1.0, "multiplies the generator's own (already weighted) MoE auxiliary loss",
+                                     low=0)
+    lr: float = option(2e-3, "AdamW peak learning rate (bench/generator_capacity.py: 3e-4 crawls)", low=0, high=10,
+                       low_open=True)
+    weight_decay: float = option(0.0, "AdamW weight decay", low=0, high=1)
+    warmup_steps: int = option(50, "linear warm-up steps, then cosine decay", low=0)
+    min_lr_ratio: float = option(0.1, "final lr = min_lr_ratio * lr", low=0, high=1)
+    grad_clip: float = option(1.0, "max global gradient norm (0 = no clipping)", low=0)
+    ema_decay: float = option(0.99, "EMA of the weights; the best EMA (by validation accuracy) is what is saved",
+                              low=0, high=1, high_open=True)
+    log_every: int = option(50, "log line every N steps", low=1)
+    eval_every: int = option(100, "validation (networks from held-out inits, on the val split) every N steps",
+                             low=1)
+    save_every: int = option(100, "resumable state every N steps", low=1)
+    patience: int = option(5, "evaluations without a better validation accuracy before stopping (0 = never)",
+                           low=0)
+    min_improvement: float = option(0.0005, "how much a validation accuracy must beat the best to count", low=0)
+    seed: int = option(0, "seed of the training inits' order and batches", low=0)
 
     def __post_init__(self):
-        for key in ("steps", "inits_per_step", "batch_size", "generation_steps", "log_every", "eval_every",
-                    "save_every"):
-            if int(getattr(self, key)) <= 0:
-                raise SynthNetError(f"method.{key} must be positive, got {getattr(self, key)}")
+        check_options(self, "method.")
         if self.step_weights is not None:
             if len(self.step_weights) != self.generation_steps:
                 raise SynthNetError(f"method.step_weights needs one weight per generation step "
                                     f"({self.generation_steps}), got {list(self.step_weights)}")
             if any(w < 0 for w in self.step_weights) or not any(w > 0 for w in self.step_weights):
                 raise SynthNetError(f"method.step_weights must be >= 0 with one positive, got {list(self.step_weights)}")
-        if self.anchor_weight < 0:
-            raise SynthNetError(f"method.anchor_weight must be >= 0, got {self.anchor_weight}")
-        if int(self.patience) < 0:
-            raise SynthNetError(f"method.patience must be >= 0, got {self.patience}")
 
     @property
     def weights(self) -> list[float]:

@@ -6,18 +6,20 @@ chain with :class:`LayerSpec` entries; the chain is all the rest of SynthNet nee
 tokenisation, permutation of hidden neurons (augmentation, symmetry tests) and neuron
 alignment (evaluation) are written once against it.
 
-A new target is one entry in :data:`TARGETS` plus one YAML file in ``configs/target/``.
+A new target is one entry in :data:`TARGETS`: its options class (defaults, help and ranges, which the
+config schema ``configs/schema.py`` reads) and its builder.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from synthnet.errors import SynthNetError
+from synthnet.options import build_options, check_options, option
 
 
 @dataclass(frozen=True)
@@ -127,16 +129,56 @@ class CNN(nn.Module):
         return specs
 
 
+MAX_WIDTH = 1 << 16  # widest layer a config may ask for
+
+
+@dataclass(frozen=True)
+class MLPOptions:
+    """``target=mlp``: flatten, hidden linear layers with an activation, linear read-out."""
+
+    hidden: list[int] = option([32], "hidden widths, one entry per hidden layer", low=1, high=MAX_WIDTH, each=True)
+    activation: str = option("relu", "relu | tanh | gelu | silu | sigmoid", choices=tuple(_ACTIVATIONS))
+
+    def __post_init__(self):
+        check_options(self, "target.")
+
+
+@dataclass(frozen=True)
+class CNNOptions:
+    """``target=cnn``: convolutions for 2-D images or 1-D signals (from the task's input shape), then a
+    fully connected head."""
+
+    channels: list[int] = option([16, 32], "output channels of each convolution", low=1, high=MAX_WIDTH, each=True)
+    kernel_size: Any = option(3, "one size for all convolutions, or a list with one per layer", low=1, high=64,
+                              each=True)
+    stride: int = option(1, "convolution stride", low=1, high=64)
+    padding: int | None = option(None, "null = kernel_size // 2", low=0, high=64)
+    pool: int = option(2, "max-pool size after each convolution; 0 or 1 = none", low=0, high=64)
+    fc: list[int] = option([64], "hidden widths of the fully connected head", low=1, high=MAX_WIDTH, each=True)
+    activation: str = option("relu", "relu | tanh | gelu | silu | sigmoid", choices=tuple(_ACTIVATIONS))
+    dims: int | None = option(None, "null = follow the task; 1 or 2 to insist on a rank", choices=(1, 2))
+
+    def __post_init__(self):
+        check_options(self, "target.")
+
+
+@dataclass(frozen=True)
+class PocCNNOptions:
+    """``target=poc_cnn``: the proof of concept's MNIST CNN (421,642 parameters): conv3x3 1->32, conv3x3
+    32->64, two 2x2 max-pools, fc 3136->128, fc 128->10. Needs 1x28x28 images (task=mnist). No options."""
+
+
 def _build_mlp(cfg: Mapping, input_shape, num_classes) -> nn.Module:
-    return MLP(input_shape=input_shape, num_classes=num_classes, hidden=list(cfg.get("hidden", [32])),
-               activation_name=cfg.get("activation", "relu"))
+    options = build_options(MLPOptions, cfg, "target.")
+    return MLP(input_shape=input_shape, num_classes=num_classes, hidden=list(options.hidden),
+               activation_name=options.activation)
 
 
 def _build_cnn(cfg: Mapping, input_shape, num_classes) -> nn.Module:
-    return CNN(input_shape=input_shape, num_classes=num_classes, channels=list(cfg.get("channels", [16, 32])),
-               kernel_size=_int_or_list(cfg.get("kernel_size", 3)), stride=int(cfg.get("stride", 1)),
-               padding=cfg.get("padding"), pool=int(cfg.get("pool", 2) or 0), fc=list(cfg.get("fc", [])),
-               activation_name=cfg.get("activation", "relu"), dims=cfg.get("dims"))
+    o = build_options(CNNOptions, cfg, "target.")
+    return CNN(input_shape=input_shape, num_classes=num_classes, channels=list(o.channels),
+               kernel_size=_int_or_list(o.kernel_size), stride=int(o.stride), padding=o.padding,
+               pool=int(o.pool or 0), fc=list(o.fc), activation_name=o.activation, dims=o.dims)
 
 
 def _int_or_list(value):
@@ -148,14 +190,15 @@ def _build_poc_cnn(cfg: Mapping, input_shape, num_classes) -> nn.Module:
     if tuple(input_shape) != (1, 28, 28) or num_classes != 10:
         raise SynthNetError(f"poc_cnn needs 1x28x28 images with 10 classes (task mnist); "
                             f"this task gives input {tuple(input_shape)} with {num_classes} classes")
+    build_options(PocCNNOptions, cfg, "target.")
     return CNN(input_shape=input_shape, num_classes=num_classes, channels=[32, 64], kernel_size=3,
                padding=1, pool=2, fc=[128], activation_name="relu", dims=2)
 
 
-TARGETS: dict[str, Callable[[Mapping, tuple, int], nn.Module]] = {
-    "mlp": _build_mlp,
-    "cnn": _build_cnn,
-    "poc_cnn": _build_poc_cnn,
+TARGETS: dict[str, tuple[type, Callable[[Mapping, tuple, int], nn.Module]]] = {
+    "mlp": (MLPOptions, _build_mlp),
+    "cnn": (CNNOptions, _build_cnn),
+    "poc_cnn": (PocCNNOptions, _build_poc_cnn),
 }
 
 
@@ -165,7 +208,7 @@ def build_target(cfg: Mapping, input_shape: Sequence[int], num_classes: int) -> 
     if name not in TARGETS:
         raise SynthNetError(f"unknown target '{name}'; available: {', '.join(sorted(TARGETS))}")
     try:
-        return TARGETS[name](cfg, tuple(input_shape), int(num_classes))
+        return TARGETS[name][1](cfg, tuple(input_shape), int(num_classes))
     except (TypeError, ValueError) as exc:  # an option of the wrong type or out of range, from the config
         options = {k: v for k, v in dict(cfg).items() if k != "name"}
         raise SynthNetError(f"target={name} cannot be built from target options {options} "

@@ -10,13 +10,13 @@ import gzip
 import struct
 import urllib.request
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
 from synthnet.errors import SynthNetError
 from synthnet.storage import atomic_path
 from synthnet.tasks.base import Task, carve_validation, make_task
+from synthnet.tasks.options import MNISTOptions
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -72,11 +72,11 @@ def download(directory: Path, mirror: str) -> None:
             raise SynthNetError(f"could not download {url}: {exc}") from None
 
 
-def load_mnist_task(cfg: Mapping, data_dir: Path) -> Task:
+def load_mnist_task(options: MNISTOptions, data_dir: Path) -> Task:
     """Images scaled to [0, 1], shape (1, 28, 28); validation carved from the 60k training images."""
-    directory = Path(cfg.get("dir") or data_dir / "mnist")
-    if cfg.get("download", False):
-        download(directory, str(cfg.get("mirror")))
+    directory = Path(options.dir or data_dir / "mnist")
+    if options.download:
+        download(directory, str(options.mirror))
     paths = {key: _find(directory, stem) for key, stem in FILES.items()}
     missing = [FILES[key] + "[.gz]" for key, path in paths.items() if path is None]
     if missing:
@@ -90,8 +90,8 @@ def load_mnist_task(cfg: Mapping, data_dir: Path) -> Task:
     x = arrays["train_images"].astype(np.float32) / 255.0
     x_test = arrays["test_images"].astype(np.float32) / 255.0
     x_train, y_train, x_val, y_val = carve_validation(
-        x, arrays["train_labels"].astype(np.int64), float(cfg.get("val_fraction", 1 / 12)),
-        int(cfg.get("split_seed", 0)))
+        x, arrays["train_labels"].astype(np.int64), float(options.val_fraction),
+        int(options.split_seed))
     height, width = x.shape[1:]
     return make_task("mnist", (1, height, width), 10,
                      (x_train, y_train, x_val, y_val, x_test, arrays["test_labels"].astype(np.int64)))

@@ -6,22 +6,21 @@ caller's states afterwards so loading the task never changes anyone else's rando
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import random
 
 import numpy as np
 
 from synthnet.tasks.base import Task, carve_validation, make_task
+from synthnet.tasks.options import MNIST1DOptions
 
 
-def load_mnist1d_task(cfg: Mapping) -> Task:
+def load_mnist1d_task(options: MNIST1DOptions) -> Task:
     """The package's standard 4,000 / 1,000 train/test data (length 40); validation carved from train."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
-    args.num_samples = int(cfg.get("num_samples", 5000))
-    args.seed = int(cfg.get("data_seed", 42))
+    args.num_samples = int(options.num_samples)
+    args.seed = int(options.data_seed)
     numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
         data = make_dataset(args)
@@ -31,7 +30,7 @@ def load_mnist1d_task(cfg: Mapping) -> Task:
     x = np.asarray(data["x"], dtype=np.float32)
     x_test = np.asarray(data["x_test"], dtype=np.float32)
     x_train, y_train, x_val, y_val = carve_validation(
-        x, np.asarray(data["y"]), float(cfg.get("val_fraction", 0.1)), int(cfg.get("split_seed", 0)))
+        x, np.asarray(data["y"]), float(options.val_fraction), int(options.split_seed))
     length = x.shape[-1]
     return make_task("mnist1d", (1, length), 10,
                      (x_train, y_train, x_val, y_val, x_test, np.asarray(data["y_test"])))

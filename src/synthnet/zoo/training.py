@@ -20,6 +20,7 @@ from torch import nn
 
 from synthnet.errors import SynthNetError
 from synthnet.evaluation.scoring import accuracy_and_loss, batched_forward, unstack_state_dict
+from synthnet.options import check_options, option
 from synthnet.tasks import Task
 
 DATA_ORDER_SALT = 0x5EED
@@ -29,29 +30,16 @@ DATA_ORDER_SALT = 0x5EED
 class Recipe:
     """How a zoo run is trained. ``checkpoint_every`` counts optimiser steps; None means every epoch."""
 
-    epochs: int = 10
-    batch_size: int = 32
-    optimizer: str = "adam"
-    lr: float = 1e-2
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    checkpoint_every: int | None = None
+    epochs: int = option(10, "passes over the training split", low=1, high=10_000)
+    batch_size: int = option(32, "examples per optimiser step", low=1)
+    optimizer: str = option("adam", "adam | adamw | sgd", choices=("adam", "adamw", "sgd"))
+    lr: float = option(1e-2, "learning rate", low=0, high=100, low_open=True)
+    momentum: float = option(0.9, "sgd only", low=0, high=1, high_open=True)
+    weight_decay: float = option(0.0, "weight decay", low=0, high=1)
+    checkpoint_every: int | None = option(None, "optimiser steps between checkpoints; null = every epoch", low=1)
 
     def __post_init__(self):
-        if int(self.epochs) <= 0:
-            raise SynthNetError(f"zoo.epochs must be positive, got {self.epochs}")
-        if int(self.batch_size) <= 0:
-            raise SynthNetError(f"zoo.batch_size must be positive, got {self.batch_size}")
-        if self.optimizer not in ("adam", "adamw", "sgd"):
-            raise SynthNetError(f"unknown zoo.optimizer {self.optimizer!r}; available: adam, adamw, sgd")
-        if self.checkpoint_every is not None and int(self.checkpoint_every) <= 0:
-            raise SynthNetError(f"zoo.checkpoint_every must be positive or null, got {self.checkpoint_every}")
-        if not 0 < float(self.lr) <= 100:
-            raise SynthNetError(f"zoo.lr must be in (0, 100], got {self.lr}")
-        if not 0 <= float(self.momentum) < 1:
-            raise SynthNetError(f"zoo.momentum must be in [0, 1), got {self.momentum}")
-        if not 0 <= float(self.weight_decay) <= 1:
-            raise SynthNetError(f"zoo.weight_decay must be in [0, 1], got {self.weight_decay}")
+        check_options(self, "zoo.")
 
 
 @dataclass
