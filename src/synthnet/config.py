@@ -99,6 +99,18 @@ def container(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
 
 
+def settings(cls: type, node: DictConfig, **fixed):
+    """The library settings ``cls`` (a dataclass) from the keys of config ``node`` that are its fields (the
+    node's other keys are the command's own; the schema already refused unknown ones), lists as tuples,
+    then ``fixed`` on top (values the command derives, e.g. a seed)."""
+    import dataclasses
+
+    values = container(node)
+    picked = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+    picked = {k: tuple(v) if isinstance(v, list) else v for k, v in picked.items()}
+    return cls(**{**picked, **fixed})
+
+
 def check_common(cfg: DictConfig, overrides: list[str], writes: bool) -> None:
     """Checks every command shares, before any work: a device that exists here and (for commands that write)
     a ``paths.root`` that is a writable folder. Unknown keys, types and ranges are refused by :func:`compose`."""

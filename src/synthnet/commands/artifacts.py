@@ -1,5 +1,5 @@
 """Artefacts every training and generation command shares: where generator files go, where an
-unfinished training keeps its resume state, the one check that a generator file can serve a target,
+unfinished training keeps its resume state and how it is written and read back, the one check that a generator file can serve a target,
 the refusal to replace a generator trained with other settings, and the metrics log (JSONL beside the
 generator, TensorBoard under ``<target_dir>/tensorboard``)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from omegaconf import DictConfig
 
@@ -44,6 +44,38 @@ def resume_path(path: Path) -> Path:
     return path.parent / "resume" / path.name
 
 
+def save_resume_state(path: Path, parts: Mapping[str, Mapping[str, Any]], optimizer, metadata: Mapping[str, Any]
+                      ) -> None:
+    """An unfinished training's state in one safetensors file (atomically, no pickling): each part's tensors
+    under ``<part>.`` (``model``, ``ema``, ``best``, ...) and the optimizer's per-parameter tensors under
+    ``optimizer.``."""
+    from synthnet.methods.imitation import optimizer_tensors
+    from synthnet.storage import save_state_dict
+
+    tensors = {f"{name}.{k}": v for name, state in parts.items() for k, v in state.items()}
+    tensors.update({f"optimizer.{k}": v for k, v in optimizer_tensors(optimizer).items()})
+    save_state_dict(path, tensors, dict(metadata))
+
+
+def load_resume_state(path: Path, optimizer, device, fingerprint: str | None = None
+                      ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """``({part: state dict}, metadata)`` from :func:`save_resume_state`'s file, the optimizer's state loaded
+    into ``optimizer``; a ``fingerprint`` other than the file's (other settings) is refused."""
+    from synthnet.methods.imitation import load_optimizer_tensors
+    from synthnet.storage import load_state_dict
+
+    tensors, metadata = load_state_dict(path)
+    if fingerprint is not None and metadata.get("fingerprint") != fingerprint:
+        raise SynthNetError(f"{path} holds an interrupted training with other settings; remove it "
+                            f"or pass train.resume=false to start over")
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        name, _, rest = key.partition(".")
+        parts.setdefault(name, {})[rest] = value.to(device)
+    load_optimizer_tensors(optimizer, parts.pop("optimizer", {}))
+    return parts, metadata
+
+
 def refuse_to_replace(cfg: DictConfig, path: Path, fingerprint: str) -> None:
     """A finished generator at ``path`` trained with other settings is never replaced silently: refused,
     with the two ways on (write beside it with ``train.output=``, or ``train.overwrite=true``)."""
@@ -58,10 +90,11 @@ def refuse_to_replace(cfg: DictConfig, path: Path, fingerprint: str) -> None:
                             f"train.overwrite=true to replace it")
 
 
-def metrics_log(cfg: DictConfig, path: Path, start_step: int, prefix: str):
+def metrics_log(cfg: DictConfig, path: Path, start_step: int, prefix: str, index: str = "step"):
     """``(on_metrics(step, metrics), writer)`` writing ``<stem>.metrics.jsonl`` beside the generator and
     TensorBoard scalars under ``<target_dir>/tensorboard/<stem>``. A fresh training starts a fresh log; a
-    resumed one keeps only the records up to ``start_step``, so no step is logged twice."""
+    resumed one keeps only the records whose ``index`` (step, or GRPO's iteration) is up to ``start_step``,
+    so no step is logged twice."""
     from synthnet.storage import atomic_write_bytes
 
     stem = path.name.removesuffix(".safetensors")
@@ -69,7 +102,7 @@ def metrics_log(cfg: DictConfig, path: Path, start_step: int, prefix: str):
     records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] \
         if start_step and jsonl.exists() else []
     jsonl.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(jsonl, "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= start_step).encode())
+    atomic_write_bytes(jsonl, "".join(json.dumps(r) + "\n" for r in records if r.get(index, 0) <= start_step).encode())
     writer = _tensorboard(Path(cfg.paths.target_dir) / "tensorboard" / stem, purge_step=start_step + 1 if start_step else None)
 
     def on_metrics(step: int, metrics: dict) -> None:
@@ -77,7 +110,7 @@ def metrics_log(cfg: DictConfig, path: Path, start_step: int, prefix: str):
             f.write(json.dumps(metrics) + "\n")
         if writer is not None:
             for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "step":
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != index:
                     writer.add_scalar(f"{prefix}/{key}", value, step)
             for block, fractions in enumerate(metrics.get("expert_fraction", [])):
                 for expert, value in enumerate(fractions):

@@ -20,95 +20,20 @@ go to ``<stem>.metrics.jsonl`` beside the generator and to TensorBoard
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig
 
-from synthnet.commands.artifacts import grpo_path, metrics_path, read_records, resume_path, stem_of
+from synthnet.commands.artifacts import (grpo_path, load_resume_state, metrics_log, metrics_path, read_records,
+                                         resume_path, save_resume_state, stem_of)
 from synthnet.commands.train_imitation import ensure_imitation
-from synthnet.config import container
+from synthnet.config import container, settings as settings_of
 from synthnet.errors import SynthNetError
-from synthnet.storage import atomic_write_bytes, load_state_dict, read_metadata, save_state_dict
+from synthnet.storage import read_metadata
 
 log = logging.getLogger("synthnet")
-
-# --------------------------------------------------------------------------- resume state (safetensors)
-
-
-def save_resume_state(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      metadata: Mapping[str, Any]) -> None:
-    """The policy's weights and Adam's per-parameter tensors (imitation's flat naming, no pickling), atomically."""
-    from synthnet.methods.imitation import optimizer_tensors
-
-    tensors = {**{f"model.{k}": v for k, v in policy.state_dict().items()},
-               **{f"optimizer.{k}": v for k, v in optimizer_tensors(optimizer).items()}}
-    save_state_dict(path, tensors, metadata)
-
-
-def load_resume_state(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    from synthnet.methods.imitation import load_optimizer_tensors
-
-    tensors, _ = load_state_dict(path)
-    policy.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-    load_optimizer_tensors(optimizer, {k.removeprefix("optimizer."): v for k, v in tensors.items()
-                                       if k.startswith("optimizer.")})
-
-
-# --------------------------------------------------------------------------- logs and plot
-
-
-def plot_reward_curve(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = "GRPO reward") -> None:
-    """Reward mean (thin line, and its running mean over a tenth of the run) and min..max (band)
-    of each iteration's candidates, written to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not records:
-        return
-    iterations = [r["iteration"] for r in records]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.fill_between(iterations, [r["reward_min"] for r in records], [r["reward_max"] for r in records],
-                    alpha=0.25, label="min..max over candidates")
-    means = [r["reward_mean"] for r in records]
-    ax.plot(iterations, means, linewidth=0.8, alpha=0.6, label="mean over candidates")
-    window = max(1, len(means) // 10)
-    smoothed = [sum(means[max(0, i - window + 1):i + 1]) / len(means[max(0, i - window + 1):i + 1])
-                for i in range(len(means))]
-    ax.plot(iterations, smoothed, linewidth=2, label=f"running mean ({window} iterations)")
-    ax.set_xlabel("GRPO iteration")
-    ax.set_ylabel(records[-1].get("reward", "reward"))
-    ax.set_title(title)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-# --------------------------------------------------------------------------- imitation first
-
-
-# --------------------------------------------------------------------------- the command
-
-
-def _settings(cfg: DictConfig, steps: int):
-    import dataclasses
-
-    from synthnet.methods.grpo import GRPOSettings
-
-    values = {f.name: container(cfg.method)[f.name] for f in dataclasses.fields(GRPOSettings) if f.name != "steps"}
-    if isinstance(values["noise_scale"], list):
-        values["noise_scale"] = tuple(values["noise_scale"])
-    return GRPOSettings(**values, steps=steps)
 
 
 def train_grpo(cfg: DictConfig) -> Path:
@@ -116,6 +41,8 @@ def train_grpo(cfg: DictConfig) -> Path:
     from synthnet.commands.artifacts import check_generator_matches
     from synthnet.generators import load_generator, save_generator
     from synthnet.methods import grpo
+    from synthnet.methods.grpo import GRPOSettings
+    from synthnet.evaluation.report import plot_reward_curve
     from synthnet.methods.rewards import Reward
     from synthnet.generation import init_tokens, target_layout
     from synthnet.tasks import build_task
@@ -126,7 +53,7 @@ def train_grpo(cfg: DictConfig) -> Path:
     iterations = int(cfg.method.iterations)
     steps = int(cfg.method.generation_steps) if cfg.method.get("generation_steps") is not None \
         else int(cfg.generate.steps)
-    settings = _settings(cfg, steps)
+    settings = settings_of(GRPOSettings, cfg.method, steps=steps)
     reward_options = {k: v for k, v in container(cfg.reward).items() if k != "name"}
 
     source = ensure_imitation(cfg)
@@ -169,7 +96,7 @@ def train_grpo(cfg: DictConfig) -> Path:
     if found is not None:
         start = int(metadata.get("grpo_iteration", 0))
         if found == state_path:
-            load_resume_state(state_path, policy, optimizer)
+            policy.load_state_dict(load_resume_state(state_path, optimizer, device)[0]["model"])
         else:  # a finished file without its state (removed by hand): its weights, a fresh Adam
             policy.load_state_dict(load_generator(out_path, device).model.state_dict())
             log.warning("no resume state for iteration %d of %s; Adam restarts", start, out_path.name)
@@ -179,11 +106,7 @@ def train_grpo(cfg: DictConfig) -> Path:
                  out_path, start)
         return out_path
 
-    kept = [r for r in read_records(jsonl_path) if r["iteration"] <= start] if start else []
-    atomic_write_bytes(jsonl_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(Path(cfg.paths.target_dir) / "tensorboard" / stem), purge_step=start + 1 if start else None)
+    on_metrics, writer = metrics_log(cfg, out_path, start, "grpo", index="iteration")
 
     batch = settings.inits_per_iteration
     first_seed = int(cfg.method.first_seed)
@@ -207,18 +130,13 @@ def train_grpo(cfg: DictConfig) -> Path:
 
     def save(iteration: int) -> None:
         meta = {**header, "grpo_iteration": iteration, "finished": iteration >= iterations}
-        save_resume_state(state_path, policy, optimizer, meta)
+        save_resume_state(state_path, {"model": policy.state_dict()}, optimizer, meta)
         if iteration >= iterations:  # the generator file is written once, finished
             save_generator(out_path, policy, config=imitation.config, target_config=imitation.target_config,
                            task_config=imitation.task_config, chunk_size=imitation.chunk_size, extra=meta)
 
     def on_iteration(iteration: int, stats: dict[str, float]) -> None:
-        record = {"iteration": iteration + 1, "reward": cfg.reward.name, **stats}
-        with open(jsonl_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key in ("reward_mean", "reward_max", "reward_std", "tie_fraction", "kl", "clip_fraction", "approx_kl",
-                    "loss", "seconds", "evaluations_per_second"):
-            writer.add_scalar(f"grpo/{key}", stats[key], iteration + 1)
+        on_metrics(iteration + 1, {"iteration": iteration + 1, "reward": cfg.reward.name, **stats})
         done = iteration + 1
         if done % int(cfg.method.save_every) == 0 or done == iterations:
             save(done)
@@ -232,7 +150,8 @@ def train_grpo(cfg: DictConfig) -> Path:
                    on_iteration=on_iteration, log_every=int(cfg.method.log_every),
                    progress=bool(cfg.progress))
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     if not out_path.exists():  # the resume state was finished but its generator file was missing
         save(max(start, iterations))
     records = read_records(jsonl_path)

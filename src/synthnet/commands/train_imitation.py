@@ -4,7 +4,6 @@ the same run; :func:`ensure_imitation` trains it first when a later stage (task 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -12,25 +11,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from synthnet.commands.artifacts import (generator_path, imitation_path, metrics_log, refuse_to_replace,
-                                         resume_path)
-from synthnet.config import container
+from synthnet.commands.artifacts import (generator_path, imitation_path, load_resume_state, metrics_log,
+                                         refuse_to_replace, resume_path, save_resume_state)
+from synthnet.config import container, settings as settings_of
 from synthnet.errors import SynthNetError
 
 log = logging.getLogger("synthnet")
-
-_NOT_SETTINGS = {"name", "runs", "val_runs"}
-
-
-def imitation_settings(method: dict, seed: int):
-    from synthnet.methods.imitation import ImitationSettings
-
-    known = {f.name for f in dataclasses.fields(ImitationSettings)}
-    unknown = sorted(set(method) - known - _NOT_SETTINGS)
-    if unknown:
-        raise SynthNetError(f"unknown option method.{unknown[0]}; available: {', '.join(sorted(known - {'seed'}))}")
-    return ImitationSettings(**{k: v for k, v in method.items() if k in known}, seed=seed)
-
 
 def train_imitation_command(cfg: DictConfig) -> None:
     import torch
@@ -38,18 +24,17 @@ def train_imitation_command(cfg: DictConfig) -> None:
     from synthnet.generation import target_layout
     from synthnet.generators import build_generator, save_generator
     from synthnet.methods.data import load_zoo_tokens, split_runs
-    from synthnet.methods.imitation import (EMA, TrainState, load_optimizer_tensors, optimizer_tensors,
+    from synthnet.methods.imitation import (EMA, ImitationSettings, TrainState,
                                             train_imitation)
     from synthnet.evaluation.scoring import accuracy_and_loss
     from synthnet.sampling import sample
-    from synthnet.storage import load_state_dict, save_state_dict
     from synthnet.tasks import build_task
     from synthnet.tokenization import detokenize
 
     int(cfg.generate.steps)
     method, generator_config = container(cfg.method), container(cfg.generator)
     target_config, task_config = container(cfg.target), container(cfg.task)
-    settings = imitation_settings(method, int(cfg.seed))
+    settings = settings_of(ImitationSettings, cfg.method, seed=int(cfg.seed))
     device = torch.device(cfg.device)
     torch.manual_seed(int(cfg.seed))
     task = build_task(task_config, cfg.paths.data_dir)
@@ -78,14 +63,9 @@ def train_imitation_command(cfg: DictConfig) -> None:
     ema = EMA(model, settings.ema_decay)
     start_step = 0
     if cfg.train.resume and state_path.exists():
-        tensors, meta = load_state_dict(state_path)
-        if meta.get("fingerprint") != fingerprint:
-            raise SynthNetError(f"{state_path} holds an interrupted training with other settings; remove it "
-                                f"or pass train.resume=false to start over")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        load_optimizer_tensors(optimizer, {k[10:]: v.to(device) for k, v in tensors.items()
-                                           if k.startswith("optimizer.")})
+        parts, meta = load_resume_state(state_path, optimizer, device, fingerprint)
+        model.load_state_dict(parts["model"])
+        ema.model.load_state_dict(parts["ema"])
         start_step = int(meta["step"])
         log.info("resuming %s from step %d", path, start_step)
     elif cfg.train.resume and path.exists():
@@ -131,10 +111,8 @@ def train_imitation_command(cfg: DictConfig) -> None:
                            task_config=task_config, chunk_size=layout.chunk_size,
                            extra={**extra, "step": state.step, "metrics": scalars, "finished": True})
         if state.step < settings.steps:
-            tensors = {**{f"model.{k}": v for k, v in state.model.state_dict().items()},
-                       **{f"ema.{k}": v for k, v in state.ema.model.state_dict().items()},
-                       **{f"optimizer.{k}": v for k, v in optimizer_tensors(state.optimizer).items()}}
-            save_state_dict(state_path, tensors, {"fingerprint": fingerprint, "step": state.step})
+            save_resume_state(state_path, {"model": state.model.state_dict(), "ema": state.ema.model.state_dict()},
+                              state.optimizer, {"fingerprint": fingerprint, "step": state.step})
         elif state_path.exists():
             state_path.unlink()
 

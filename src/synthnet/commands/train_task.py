@@ -29,34 +29,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from synthnet.config import container
+from synthnet.config import container, settings as settings_of
 from synthnet.errors import SynthNetError
 
 log = logging.getLogger("synthnet")
-
-_NOT_SETTINGS = {"name", "imitation", "imitation_first", "source", "from_scratch", "start", "first_seed",
-                 "val_inits", "val_first_seed"}
-
-
-def task_settings(method: dict, seed: int, generation_steps: int):
-    import dataclasses
-
-    from synthnet.methods.task import TaskSettings
-
-    known = {f.name for f in dataclasses.fields(TaskSettings)}
-    unknown = sorted(set(method) - known - _NOT_SETTINGS)
-    if unknown:
-        raise SynthNetError(f"unknown option method.{unknown[0]}; available: "
-                            f"{', '.join(sorted((known | _NOT_SETTINGS) - {'seed', 'name'}))}")
-    values = {k: v for k, v in method.items() if k in known}
-    if values.get("generation_steps") is None:
-        values["generation_steps"] = generation_steps
-    if values.get("step_weights") is not None:
-        values["step_weights"] = tuple(float(w) for w in values["step_weights"])
-    if method.get("from_scratch"):
-        values["anchor_weight"] = 0.0  # nothing to anchor to
-    return TaskSettings(**values, seed=seed)
-
 
 def task_path(cfg: DictConfig) -> Path:
     """``train.output`` or ``<generators_dir>/<generator>-task[-scratch].safetensors``."""
@@ -67,17 +43,21 @@ def task_path(cfg: DictConfig) -> Path:
 
 
 def train_task_command(cfg: DictConfig) -> Path:
-    from synthnet.commands.artifacts import check_generator_matches, metrics_log, refuse_to_replace, resume_path
+    from synthnet.commands.artifacts import (check_generator_matches, load_resume_state, metrics_log,
+                                             refuse_to_replace, resume_path, save_resume_state)
     from synthnet.commands.train_imitation import ensure_imitation
     from synthnet.generation import init_tokens, target_layout
     from synthnet.generators import build_generator, load_generator, save_generator
-    from synthnet.methods.imitation import EMA, load_optimizer_tensors, optimizer_tensors
-    from synthnet.methods.task import TaskState, step_seeds, train_task, validation_metrics
-    from synthnet.storage import load_state_dict, read_metadata, save_state_dict
+    from synthnet.methods.imitation import EMA
+    from synthnet.methods.task import TaskSettings, TaskState, step_seeds, train_task, validation_metrics
+    from synthnet.storage import read_metadata
     from synthnet.tasks import build_task
 
     method = container(cfg.method)
-    settings = task_settings(method, int(cfg.seed), int(cfg.generate.steps))
+    steps = cfg.method.generation_steps
+    settings = settings_of(TaskSettings, cfg.method, seed=int(cfg.seed),
+                           generation_steps=int(cfg.generate.steps if steps is None else steps),
+                           **({"anchor_weight": 0.0} if cfg.method.from_scratch else {}))  # nothing to anchor to
     device = torch.device(cfg.device)
     target_config, task_config = container(cfg.target), container(cfg.task)
     first_seed, val_first_seed = int(method["first_seed"]), int(method["val_first_seed"])
@@ -89,9 +69,7 @@ def train_task_command(cfg: DictConfig) -> Path:
     torch.manual_seed(int(cfg.seed))
 
     from_scratch = bool(method.get("from_scratch"))
-    start = method.get("start", "imitation")
-    if start not in ("imitation", "fresh"):
-        raise SynthNetError(f"method.start must be 'imitation' or 'fresh', got {start!r}")
+    start = str(method["start"])
     if from_scratch or start == "fresh":
         source, reference, generator_config, chunk_size, source_fingerprint = None, None, container(cfg.generator), \
             int(cfg.generator.get("chunk_size", 64)), None
@@ -129,15 +107,10 @@ def train_task_command(cfg: DictConfig) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     state = TaskState(step=0, model=model, ema=EMA(model, settings.ema_decay), optimizer=optimizer, best=None)
     if cfg.train.resume and state_path.exists():
-        tensors, meta = load_state_dict(state_path)
-        if meta.get("fingerprint") != fingerprint:
-            raise SynthNetError(f"{state_path} holds an interrupted training with other settings; remove it "
-                                f"or pass train.resume=false to start over")
-        part = lambda prefix: {k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
-        model.load_state_dict(part("model."))
-        state.ema.model.load_state_dict(part("ema."))
-        load_optimizer_tensors(optimizer, part("optimizer."))
-        state.best = part("best.") or None
+        parts, meta = load_resume_state(state_path, optimizer, device, fingerprint)
+        model.load_state_dict(parts["model"])
+        state.ema.model.load_state_dict(parts["ema"])
+        state.best = parts.get("best") or None
         state.step, state.best_step = int(meta["step"]), int(meta["best_step"])
         state.best_score = float(meta["best_score"])
         state.evaluations_since_best = int(meta["evaluations_since_best"])
@@ -171,13 +144,11 @@ def train_task_command(cfg: DictConfig) -> Path:
     def on_save(current: TaskState) -> None:
         finished = current.step >= settings.steps or current.stopped_early
         if not finished:
-            tensors = {**{f"model.{k}": v for k, v in current.model.state_dict().items()},
-                       **{f"ema.{k}": v for k, v in current.ema.model.state_dict().items()},
-                       **{f"best.{k}": v for k, v in (current.best or {}).items()},
-                       **{f"optimizer.{k}": v for k, v in optimizer_tensors(current.optimizer).items()}}
-            save_state_dict(state_path, tensors, {"fingerprint": fingerprint, "step": current.step,
-                                                  "best_step": current.best_step, "best_score": current.best_score,
-                                                  "evaluations_since_best": current.evaluations_since_best})
+            parts = {"model": current.model.state_dict(), "ema": current.ema.model.state_dict(),
+                     "best": current.best or {}}
+            save_resume_state(state_path, parts, current.optimizer, {
+                "fingerprint": fingerprint, "step": current.step, "best_step": current.best_step,
+                "best_score": current.best_score, "evaluations_since_best": current.evaluations_since_best})
             return
         selected = copy.deepcopy(current.ema.model)
         selected.load_state_dict(current.best_model_state)

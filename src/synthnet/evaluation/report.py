@@ -7,7 +7,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from synthnet.storage import atomic_write_bytes
 
@@ -241,3 +241,36 @@ def write_report(result: Mapping[str, Any], header: Mapping[str, Any], reports_d
     for path in plots(result, reports_dir):
         paths[path.stem] = path
     return paths
+
+
+def plot_reward_curve(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = "GRPO reward") -> None:
+    """Reward mean (thin line, and its running mean over a tenth of the run) and min..max (band)
+    of each iteration's candidates, written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not records:
+        return
+    iterations = [r["iteration"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.fill_between(iterations, [r["reward_min"] for r in records], [r["reward_max"] for r in records],
+                    alpha=0.25, label="min..max over candidates")
+    means = [r["reward_mean"] for r in records]
+    ax.plot(iterations, means, linewidth=0.8, alpha=0.6, label="mean over candidates")
+    window = max(1, len(means) // 10)
+    smoothed = [sum(means[max(0, i - window + 1):i + 1]) / len(means[max(0, i - window + 1):i + 1])
+                for i in range(len(means))]
+    ax.plot(iterations, smoothed, linewidth=2, label=f"running mean ({window} iterations)")
+    ax.set_xlabel("GRPO iteration")
+    ax.set_ylabel(records[-1].get("reward", "reward"))
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
