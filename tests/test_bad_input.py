@@ -3,6 +3,7 @@ one line and exit 2, and no file a user made is changed or lost."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -229,3 +230,52 @@ def test_a_file_or_read_only_folder_as_root_is_named(tmp_path, capsys):
         locked.chmod(0o500)
         assert main(["zoo", "experiment=smoke", f"paths.root={locked / 'sub'}", "progress=false"]) == 2
         _one_line_error(capsys, "cannot be written")
+
+
+@pytest.mark.parametrize("method", ["imitation", "task"])
+def test_kill_9_mid_training_then_rerun_equals_an_uninterrupted_run(tiny_zoo, tmp_path, method):
+    """SIGKILL while `synthnet train` runs (after a resume state was saved), then the same command again:
+    the generator file equals an uninterrupted run's, tensor for tensor and header for header, and no
+    temp file is left anywhere under the root."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def command(root):
+        extra = ["method.steps=24", "method.save_every=2", "method.eval_every=4", "method.log_every=4"]
+        if method == "task":
+            extra = ["experiment=smoke_task", "method.steps=12", "method.save_every=2", "method.eval_every=4",
+                     "method.inits_per_step=2", "method.batch_size=32", "method.log_every=4"]
+        args = _args(tiny_zoo, root, *extra)
+        if method == "task":
+            args = [a for a in args if a != "experiment=smoke"]
+        return [sys.executable, "-m", "synthnet", "train", *args]
+
+    serial, killed = tmp_path / "serial", tmp_path / "killed"
+    done = subprocess.run(command(serial), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    name = f"perceiver_moe-{method}.safetensors"
+    resume = killed / "digits-mlp" / "generators" / "resume" / name
+    process = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not resume.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed: make it longer"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "digits-mlp" / "generators" / name).exists()  # nothing half-finished was published
+    done = subprocess.run(command(killed), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected, expected_meta = load_state_dict(serial / "digits-mlp" / "generators" / name)
+    got, got_meta = load_state_dict(killed / "digits-mlp" / "generators" / name)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    def comparable(meta):  # wall-clock timings differ between any two runs; paths name each run's root
+        meta = json.loads(json.dumps(meta).replace(str(serial), "<root>").replace(str(killed), "<root>"))
+        meta["metrics"] = {k: v for k, v in meta.get("metrics", {}).items() if "second" not in k and "_per_s" not in k}
+        return meta
+
+    assert comparable(expected_meta) == comparable(got_meta)
+    assert not [p for p in killed.rglob("*") if ".tmp" in p.name]
+    assert not resume.exists()  # removed once the training finished
