@@ -8,6 +8,7 @@ functions that never read config. Errors a user can fix print one line and exit 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from omegaconf import DictConfig
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if name not in COMMANDS:
             raise SynthNetError(f"unknown command '{name}'; available: {', '.join(COMMANDS)}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and name not in ("zoo", "train", "config"):
+            raise SynthNetError(f"`synthnet {name}` runs in one process; run it without torchrun (zoo and train "
+                                f"share their work across torchrun's processes)")
         cfg = compose(overrides)
         check_common(cfg, overrides, writes=name != "config")
         COMMANDS[name][0](cfg)

@@ -1,4 +1,13 @@
-"""``torch.distributed`` helpers: gloo on CPU, NCCL on GPU, started by ``torchrun``."""
+"""``torch.distributed`` helpers: gloo on CPU, NCCL on GPU, started by ``torchrun``.
+
+Generator training is data parallel: every rank draws the same global batch from the same seeded stream
+(pairs, permutations and noise for imitation; inits and examples for the task loss), computes the loss on
+its own share (:func:`shard`: rows ``rank, rank + W, ...``) and the gradients are averaged across ranks
+(:func:`average_gradients`) before clipping and the optimizer step. So one step on W ranks equals one
+step of a single process on the global batch (the losses are batch means; the Mixture-of-Experts
+load-balancing term, a product of two batch means, is computed per rank as in Switch Transformer's
+data-parallel training). Rank 0 alone logs, validates, saves and resumes.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,8 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from synthnet.errors import SynthNetError
 
 
 def setup(device: str = "cpu") -> tuple[int, int]:
@@ -19,13 +30,79 @@ def setup(device: str = "cpu") -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def local_device(device: str) -> torch.device:
+    """``device``, with CUDA placed on this process's GPU (``LOCAL_RANK``) under torchrun."""
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and "LOCAL_RANK" in os.environ and chosen.index is None:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return chosen
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return rank() == 0
+
+
+def check_divisible(count: int, what: str) -> None:
+    """Refuse a global batch that the ranks cannot share equally (the averaged gradient would then not be
+    the global batch's)."""
+    if count % world_size():
+        raise SynthNetError(f"{what}={count} cannot be shared by {world_size()} processes; use a multiple of "
+                            f"{world_size()}")
+
+
+def shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a global batch (dim 0): ``rank, rank + W, ...``; the whole tensor without torchrun."""
+    return tensor[rank()::world_size()] if active() else tensor
+
+
+def average_gradients(model: torch.nn.Module) -> None:
+    """Replace every gradient by its mean over the ranks (one flat all-reduce; a missing gradient counts as
+    zeros, so every rank takes part with the same shapes)."""
+    if not active():
+        return
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for p in parameters:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def mean(value: float, device: torch.device | str = "cpu") -> float:
+    """The mean of a scalar over the ranks (for logging the global batch's loss)."""
+    if not active():
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor) / world_size()
+
+
+def broadcast_float(value: float, device: torch.device | str = "cpu") -> float:
+    """Rank 0's ``value`` on every rank (e.g. a validation score that decides early stopping)."""
+    if not active():
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, 0)
+    return float(tensor)
 
 
 def teardown() -> None:

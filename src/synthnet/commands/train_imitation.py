@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from synthnet import distributed
 from synthnet.commands.artifacts import (generator_path, imitation_path, load_resume_state, metrics_log,
                                          refuse_to_replace, resume_path, save_resume_state)
 from synthnet.config import container, settings as settings_of
@@ -35,7 +36,8 @@ def train_imitation_command(cfg: DictConfig) -> None:
     method, generator_config = container(cfg.method), container(cfg.generator)
     target_config, task_config = container(cfg.target), container(cfg.task)
     settings = settings_of(ImitationSettings, cfg.method, seed=int(cfg.seed))
-    device = torch.device(cfg.device)
+    device = distributed.local_device(cfg.device)
+    main = distributed.is_main_process()
     torch.manual_seed(int(cfg.seed))
     task = build_task(task_config, cfg.paths.data_dir)
     template, layout = target_layout(target_config, task.input_shape, task.num_classes,
@@ -72,7 +74,8 @@ def train_imitation_command(cfg: DictConfig) -> None:
         from synthnet.storage import read_metadata
         meta = read_metadata(path)
         if meta.get("fingerprint") == fingerprint and meta.get("step") == settings.steps:
-            print(f"train: {path} is already trained with these settings (train.resume=false retrains)")
+            if main:
+                print(f"train: {path} is already trained with these settings (train.resume=false retrains)")
             return
     if start_step == 0:
         log.info("generator %s: %d parameters -> %s", generator_config["name"],
@@ -96,7 +99,7 @@ def train_imitation_command(cfg: DictConfig) -> None:
         accuracy = accuracy_and_loss(template, stacked, x_val, y_val)[0]
         return {f"val_accuracy_{steps}_steps": float(accuracy.mean()), "val_accuracy_sgd": sgd_val}
 
-    on_metrics, writer = metrics_log(cfg, path, start_step, "imitation")
+    on_metrics, writer = metrics_log(cfg, path, start_step, "imitation") if main else (None, None)
 
     extra = {"method": method["name"], "method_config": method, "fingerprint": fingerprint,
              "steps": settings.steps, "input_shape": list(task.input_shape), "num_classes": task.num_classes,
@@ -117,10 +120,14 @@ def train_imitation_command(cfg: DictConfig) -> None:
             state_path.unlink()
 
     metrics = train_imitation(model, optimizer, train_data, settings, ema=ema, val_data=val_data,
-                              start_step=start_step, evaluate=evaluate, on_metrics=on_metrics, on_save=on_save,
+                              start_step=start_step, evaluate=evaluate, on_metrics=on_metrics,
+                              on_save=on_save if main else None,
                               progress=bool(cfg.progress))
     if writer is not None:
         writer.close()
+    distributed.barrier()  # rank 0 has written the generator before any rank goes on
+    if not main:
+        return
     print(f"train: {generator_config['name']} ({method['name']}) -> {path}")
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()
             if isinstance(v, (int, float))]

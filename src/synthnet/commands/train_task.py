@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from synthnet import distributed
 from synthnet.config import container, settings as settings_of
 from synthnet.errors import SynthNetError
 
@@ -58,7 +59,8 @@ def train_task_command(cfg: DictConfig) -> Path:
     settings = settings_of(TaskSettings, cfg.method, seed=int(cfg.seed),
                            generation_steps=int(cfg.generate.steps if steps is None else steps),
                            **({"anchor_weight": 0.0} if cfg.method.from_scratch else {}))  # nothing to anchor to
-    device = torch.device(cfg.device)
+    device = distributed.local_device(cfg.device)
+    main = distributed.is_main_process()
     target_config, task_config = container(cfg.target), container(cfg.task)
     first_seed, val_first_seed = int(method["first_seed"]), int(method["val_first_seed"])
     val_count = int(cfg.method.val_inits)
@@ -96,7 +98,8 @@ def train_task_command(cfg: DictConfig) -> Path:
     if cfg.train.resume and path.exists() and not state_path.exists():
         meta = read_metadata(path)
         if meta.get("fingerprint") == fingerprint and meta.get("finished"):
-            print(f"train: {path} is already trained with these settings (train.resume=false retrains)")
+            if main:
+                print(f"train: {path} is already trained with these settings (train.resume=false retrains)")
             return path
 
     model = build_generator(generator_config, cpu_layout).to(device)
@@ -132,7 +135,7 @@ def train_task_command(cfg: DictConfig) -> Path:
     def validate(ema_model) -> dict[str, float]:
         return validation_metrics(ema_model, val_inits, layout, settings.generation_steps, target, x_val, y_val)
 
-    on_metrics, writer = metrics_log(cfg, path, state.step, "task")
+    on_metrics, writer = metrics_log(cfg, path, state.step, "task") if main else (None, None)
 
     header = {"method": "task", "method_config": method, "fingerprint": fingerprint, "steps": settings.steps,
               "generation_steps": settings.generation_steps, "input_shape": list(task.input_shape),
@@ -164,11 +167,13 @@ def train_task_command(cfg: DictConfig) -> Path:
     try:
         state = train_task(state, reference, settings, layout=cpu_layout, target=target, x_train=task.x_train,
                            y_train=task.y_train, make_inits=make_inits, validate=validate, on_metrics=on_metrics,
-                           on_save=on_save, progress=bool(cfg.progress))
+                           on_save=on_save if main else None, progress=bool(cfg.progress))
     finally:
         if writer is not None:
             writer.close()
-    print(f"train: {generator_config['name']} (task{' from scratch' if from_scratch else ''}) -> {path}: "
-          f"best val accuracy {state.best_score:.4f} at step {state.best_step} of {state.step}"
-          f"{' (early stop)' if state.stopped_early else ''}")
+    distributed.barrier()  # rank 0 has written the generator before any rank goes on
+    if main:
+        print(f"train: {generator_config['name']} (task{' from scratch' if from_scratch else ''}) -> {path}: "
+              f"best val accuracy {state.best_score:.4f} at step {state.best_step} of {state.step}"
+              f"{' (early stop)' if state.stopped_early else ''}")
     return path

@@ -19,6 +19,7 @@ weights (the EMA is what gets saved and evaluated).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from synthnet import distributed
 from synthnet.errors import SynthNetError
 from synthnet.methods.data import ZooTokens
 from synthnet.options import check_options, option
@@ -200,6 +202,11 @@ def make_batch(data: ZooTokens, settings: ImitationSettings, generator: torch.Ge
     return Batch(source.to(device), target.to(device), data.times[run, i1].to(device), data.times[run, i2].to(device))
 
 
+def shard_batch(batch: Batch) -> Batch:
+    """This rank's share of a global batch (the whole batch in one process)."""
+    return Batch(*(distributed.shard(getattr(batch, f.name)) for f in dataclasses.fields(Batch)))
+
+
 def imitation_loss(model: nn.Module, batch: Batch, layout: TokenLayout, value_weights: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss with the auxiliary term, the per-layer MSE alone), both scalars."""
@@ -211,7 +218,7 @@ def imitation_loss(model: nn.Module, batch: Batch, layout: TokenLayout, value_we
 def consistency_loss(model: nn.Module, data: ZooTokens, batch_size: int, generator: torch.Generator,
                      layout: TokenLayout, value_weights: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``|| f(f(W, t1, t2), t2, t3) - sg(f(W, t1, t3)) ||`` (per-layer-normalised) on zoo triplets."""
-    run, i1, i2, i3 = sample_triplets(data.times, batch_size, generator)
+    run, i1, i2, i3 = (distributed.shard(index) for index in sample_triplets(data.times, batch_size, generator))
     source = data.tokens[run, i1].to(device)
     t1, t2, t3 = (data.times[run, i].to(device) for i in (i1, i2, i3))
     first = model(source, t1, t2, layout)
@@ -263,7 +270,9 @@ def train_imitation(model: nn.Module, optimizer: torch.optim.Optimizer, data: Zo
     """Train ``model`` from ``start_step`` to ``settings.steps``; returns the last metrics.
 
     The pair sampler is reseeded from ``(settings.seed, step)`` every step, so a resumed run
-    draws the same batches as an uninterrupted one. ``evaluate(ema_model)`` (e.g. accuracy of
+    draws the same batches as an uninterrupted one. Under torchrun every rank draws that global
+    batch, trains on its share and the gradients are averaged (:mod:`synthnet.distributed`);
+    only rank 0 evaluates. ``evaluate(ema_model)`` (e.g. accuracy of
     networks generated from held-out inits) and the validation loss run every ``eval_every``
     steps; ``on_save`` is called every ``save_every`` steps and at the end.
     """
@@ -273,17 +282,21 @@ def train_imitation(model: nn.Module, optimizer: torch.optim.Optimizer, data: Zo
     base_lrs = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
     for group, lr in zip(optimizer.param_groups, base_lrs):
         group["initial_lr"] = lr
+    distributed.check_divisible(settings.batch_size, "method.batch_size")
+    if settings.consistency_weight > 0:
+        distributed.check_divisible(settings.consistency_batch_size, "method.consistency_batch_size")
+    main = distributed.is_main_process()
     generator = torch.Generator()
     metrics: dict[str, Any] = {}
     window_start, window_steps, window_loss, window_mse = time.perf_counter(), 0, 0.0, 0.0
-    bar = tqdm(total=settings.steps, initial=start_step, desc="imitation", disable=not progress, leave=False)
+    bar = tqdm(total=settings.steps, initial=start_step, desc="imitation", disable=not (progress and main), leave=False)
     for step in range(start_step, settings.steps):
         model.train()
         generator.manual_seed(settings.seed * 1_000_003 + step)
         factor = lr_factor(step, settings.steps, settings.warmup_steps, settings.min_lr_ratio)
         for group, lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = lr * factor
-        batch = make_batch(data, settings, generator, device)
+        batch = shard_batch(make_batch(data, settings, generator, device))
         loss, mse = imitation_loss(model, batch, layout, value_weights)
         if settings.consistency_weight > 0 and data.times.shape[1] >= 3:
             loss = loss + settings.consistency_weight * consistency_loss(
@@ -292,6 +305,7 @@ def train_imitation(model: nn.Module, optimizer: torch.optim.Optimizer, data: Zo
             raise SynthNetError(f"imitation loss is not finite at step {step + 1}; lower method.lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         ema.update(model)
@@ -302,7 +316,8 @@ def train_imitation(model: nn.Module, optimizer: torch.optim.Optimizer, data: Zo
         done = step + 1
         if done % settings.log_every == 0 or done == settings.steps:
             elapsed = time.perf_counter() - window_start
-            metrics = {"step": done, "loss": window_loss / window_steps, "mse": window_mse / window_steps,
+            metrics = {"step": done, "loss": distributed.mean(window_loss / window_steps),
+                       "mse": distributed.mean(window_mse / window_steps),
                        "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                        "steps_per_s": window_steps / max(elapsed, 1e-9)}
             usage = model.expert_usage()
@@ -316,7 +331,7 @@ def train_imitation(model: nn.Module, optimizer: torch.optim.Optimizer, data: Zo
             window_start, window_steps, window_loss, window_mse = time.perf_counter(), 0, 0.0, 0.0
             if on_metrics is not None:
                 on_metrics(done, metrics)
-        if done % settings.eval_every == 0 or done == settings.steps:
+        if main and (done % settings.eval_every == 0 or done == settings.steps):
             evaluation: dict[str, Any] = {}
             if val_data is not None and val_data.num_runs:
                 evaluation.update(validation_loss(ema.model, val_data, layout, value_weights, device))

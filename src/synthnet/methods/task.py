@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from synthnet import distributed
 from synthnet.errors import SynthNetError
 from synthnet.evaluation.scoring import batched_forward
 from synthnet.methods.imitation import EMA, layer_mse, layer_value_weights, lr_factor
@@ -189,7 +190,10 @@ def train_task(state: TaskState, reference: nn.Module | None, settings: TaskSett
     ``make_inits(step)`` returns that step's fresh init tokens (B, N, C) on the model's device;
     ``validate(ema_model)`` returns validation metrics including ``score_key`` (higher is
     better), from held-out inits on the validation split. Minibatches are drawn from a
-    generator reseeded from ``(settings.seed, step)``, so a resumed run is the same run.
+    generator reseeded from ``(settings.seed, step)``, so a resumed run is the same run. Under
+    torchrun every rank makes the step's inits and minibatch, trains on its share of the inits
+    and the gradients are averaged (:mod:`synthnet.distributed`); rank 0 validates and its score,
+    broadcast, drives early stopping on every rank.
     ``on_save`` is called every ``save_every`` steps and once at the end (with the state whose
     ``best`` holds the selected weights). Returns the final state.
     """
@@ -206,10 +210,12 @@ def train_task(state: TaskState, reference: nn.Module | None, settings: TaskSett
             p.requires_grad_(False)
     x_train, y_train = x_train.to(device), y_train.to(device)
     batch = min(settings.batch_size, len(y_train))
+    distributed.check_divisible(settings.inits_per_step, "method.inits_per_step")
+    main = distributed.is_main_process()
     rng = torch.Generator()
     window = {"start": time.perf_counter(), "steps": 0, "loss": 0.0, "task": 0.0, "final": 0.0, "acc": 0.0,
               "anchor": 0.0, "aux": 0.0}
-    bar = tqdm(total=settings.steps, initial=state.step, desc="task", disable=not progress, leave=False)
+    bar = tqdm(total=settings.steps, initial=state.step, desc="task", disable=not (progress and main), leave=False)
     while state.step < settings.steps and not state.stopped_early:
         step = state.step
         model.train()
@@ -218,12 +224,13 @@ def train_task(state: TaskState, reference: nn.Module | None, settings: TaskSett
         for group, lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = lr * factor
         index = torch.randperm(len(y_train), generator=rng)[:batch].to(device)
-        result = task_step(model, reference, make_inits(step), layout, target, x_train[index], y_train[index],
+        result = task_step(model, reference, distributed.shard(make_inits(step)), layout, target, x_train[index], y_train[index],
                            settings, value_weights)
         if not torch.isfinite(result.loss):
             raise SynthNetError(f"task loss is not finite at step {step + 1}; lower method.lr")
         optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
+        distributed.average_gradients(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         ema.update(model)
@@ -236,6 +243,8 @@ def train_task(state: TaskState, reference: nn.Module | None, settings: TaskSett
         bar.update(1)
         if done % settings.log_every == 0 or done == settings.steps:
             n, elapsed = window["steps"], time.perf_counter() - window["start"]
+            window.update({k: distributed.mean(window[k], device) for k in ("loss", "task", "final", "acc", "anchor",
+                                                                              "aux")})  # the global batch's
             metrics = {"step": done, "loss": window["loss"] / n, "task_loss": window["task"] / n,
                        "train_loss": window["final"] / n, "train_accuracy": window["acc"] / n,
                        "anchor": window["anchor"] / n, "auxiliary": window["aux"] / n,
@@ -251,10 +260,10 @@ def train_task(state: TaskState, reference: nn.Module | None, settings: TaskSett
             if on_metrics is not None:
                 on_metrics(done, metrics)
         if done % settings.eval_every == 0 or done == settings.steps:
-            evaluation = validate(ema.model)
+            evaluation = validate(ema.model) if main else {score_key: 0.0}
             if score_key not in evaluation:
                 raise SynthNetError(f"validation returned no '{score_key}'")
-            score = float(evaluation[score_key])
+            score = distributed.broadcast_float(float(evaluation[score_key]), device)
             improved = score > state.best_score + settings.min_improvement or state.best is None
             if improved:
                 state.best = copy.deepcopy(ema.model.state_dict())
