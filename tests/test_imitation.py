@@ -187,3 +187,32 @@ def test_consistency_loss_auxiliary_term_comes_from_the_forwards_with_gradients(
     assert torch.allclose(loss, mse + (aux_first + aux_two) / 2, atol=1e-6)
     assert not torch.allclose(aux_target, (aux_first + aux_two) / 2)  # the test tells them apart
     assert loss.requires_grad
+
+
+def test_backward_in_slices_gives_the_whole_batchs_gradient(zoo):
+    """Gradient accumulation over slices of ``slice_tokens`` equals one backward of the whole batch (the MoE
+    balance term off: its statistics are per slice), and the returned loss and MSE are the whole batch's."""
+    from synthnet.methods.imitation import backward_in_slices
+
+    torch.manual_seed(0)
+    model = build_generator({"name": "perceiver_moe", "d_model": 32, "num_latents": 8, "num_blocks": 1,
+                             "balance_loss_weight": 0.0, "z_loss_weight": 0.0}, zoo.layout)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = make_batch(zoo, ImitationSettings(batch_size=7), torch.Generator().manual_seed(1), torch.device("cpu"))
+    weights = layer_value_weights(zoo.layout)
+    whole, whole_mse = imitation_loss(model, batch, zoo.layout, weights)
+    whole.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    tokens = batch.source.shape[1]
+    for slice_tokens in (tokens, 3 * tokens, 10 * tokens):  # slices of 1, 3 (3 + 3 + 1) and the whole batch
+        model.zero_grad(set_to_none=True)
+        loss, mse = backward_in_slices(model, batch, zoo.layout, weights, slice_tokens, step=0)
+        assert torch.allclose(loss, whole.detach(), rtol=1e-5) and torch.allclose(mse, whole_mse.detach(), rtol=1e-5)
+        for got, want in zip((p.grad for p in model.parameters()), expected):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        model.parameters().__next__().fill_(float("nan"))
+    with pytest.raises(Exception, match="not finite at step 3"):
+        backward_in_slices(model, batch, zoo.layout, weights, tokens, step=2)
