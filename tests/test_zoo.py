@@ -92,3 +92,24 @@ def test_torchrun_two_processes_write_the_same_files_as_one(tmp_path):
         b, meta_b = load_state_dict(tmp_path / "two" / rel)
         assert meta_a == meta_b
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_scoring_chunks_fit_the_activation_budget_and_change_no_number():
+    """Scoring picks how many examples to run at once from the largest activation (here the first conv's
+    8 x 12 x 12 per example, times 3 networks), and any chunking gives the same accuracies and losses."""
+    from synthnet.evaluation.scoring import ACTIVATION_BUDGET, accuracy_and_loss, examples_per_chunk, predictions
+    from synthnet.evaluation.scoring import stack_state_dicts
+
+    torch.manual_seed(0)
+    model = build_target({"name": "cnn", "channels": [8, 4], "kernel_size": 3, "padding": 1, "pool": 2, "fc": []},
+                         (1, 12, 12), 5)
+    stacked = stack_state_dicts([build_target({"name": "cnn", "channels": [8, 4], "kernel_size": 3, "padding": 1,
+                                               "pool": 2, "fc": []}, (1, 12, 12), 5).state_dict() for _ in range(3)])
+    inputs, labels = torch.randn(300, 1, 12, 12), torch.randint(0, 5, (300,))
+    assert examples_per_chunk(model, stacked, inputs) == min(2048, ACTIVATION_BUDGET // (8 * 12 * 12 * 3))
+    assert examples_per_chunk(model, stacked, inputs, most=10 ** 9) == ACTIVATION_BUDGET // (8 * 12 * 12 * 3)
+    whole = accuracy_and_loss(model, stacked, inputs, labels, chunk_size=300)
+    for chunk in (None, 7, 64):
+        got = accuracy_and_loss(model, stacked, inputs, labels, chunk_size=chunk)
+        assert torch.equal(got[0], whole[0]) and torch.allclose(got[1], whole[1], rtol=1e-6)
+        assert torch.equal(predictions(model, stacked, inputs, chunk), predictions(model, stacked, inputs, 300))
