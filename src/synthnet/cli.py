@@ -43,7 +43,8 @@ def usage() -> str:
               "`synthnet config [overrides]` prints the composed config with each key's meaning",
               "(the typed schema: src/synthnet/configs/schema.py); a wrong type or a value out of",
               "range is refused before any work, naming the key.",
-              "Multi-process: torchrun --nproc_per_node=2 -m synthnet zoo ..."]
+              "Multi-process: torchrun --nproc_per_node=2 -m synthnet zoo|train|generate|evaluate ...",
+              "(zoo runs, generation and SGD twins split by seed; training data parallel; rank 0 writes)."]
     return "\n".join(lines)
 
 
@@ -65,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if name not in COMMANDS:
             raise SynthNetError(f"unknown command '{name}'; available: {', '.join(COMMANDS)}")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and name not in ("zoo", "train", "config"):
-            raise SynthNetError(f"`synthnet {name}` runs in one process; run it without torchrun (zoo and train "
-                                f"share their work across torchrun's processes)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and name not in ("zoo", "train", "generate", "evaluate",
+                                                                       "config"):
+            raise SynthNetError(f"`synthnet {name}` runs in one process; run it without torchrun (zoo, train, "
+                                f"generate and evaluate share their work across torchrun's processes)")
         cfg = compose(overrides)
         check_common(cfg, overrides, writes=name != "config")
         COMMANDS[name][0](cfg)

@@ -7,6 +7,10 @@ its own share (:func:`shard`: rows ``rank, rank + W, ...``) and the gradients ar
 step of a single process on the global batch (the losses are batch means; the Mixture-of-Experts
 load-balancing term, a product of two batch means, is computed per rank as in Switch Transformer's
 data-parallel training). Rank 0 alone logs, validates, saves and resumes.
+
+Generation and the evaluation's SGD twins split their seeds instead (:func:`share`: seeds ``rank, rank + W,
+...``); each rank fills its own entries of a full-size tensor, zeros elsewhere, and :func:`all_sum` gives every
+rank the whole (exact: each entry is one rank's value plus zeros).
 """
 
 from __future__ import annotations
@@ -70,6 +74,42 @@ def check_divisible(count: int, what: str) -> None:
 def shard(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's rows of a global batch (dim 0): ``rank, rank + W, ...``; the whole tensor without torchrun."""
     return tensor[rank()::world_size()] if active() else tensor
+
+
+def share(items):
+    """This rank's items of a sequence: ``rank, rank + W, ...``; all of them without torchrun."""
+    return items[rank()::world_size()] if active() else items
+
+
+def check_enough(count: int, what: str) -> None:
+    """Refuse fewer items than processes (a rank with nothing to do)."""
+    if count < world_size():
+        raise SynthNetError(f"{what}={count} is fewer than the {world_size()} processes; use at least {world_size()}")
+
+
+def _collective_device() -> torch.device:
+    """Where the backend reduces: this process's GPU for NCCL, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over the ranks, in place (itself without torchrun)."""
+    if active():
+        work = tensor.to(_collective_device())
+        dist.all_reduce(work)
+        tensor.copy_(work)
+    return tensor
+
+
+def all_max(value: float) -> float:
+    """The largest ``value`` over the ranks."""
+    if not active():
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor)
 
 
 def average_gradients(model: torch.nn.Module) -> None:

@@ -99,9 +99,24 @@ def load_zoo(cfg: DictConfig, model, pool: str):
 
 @command("evaluate", "score generated networks against SGD twins, the zoo and trivial baselines (evaluate.*)")
 def evaluate_command(cfg: DictConfig) -> None:
-    import torch
+    """Under ``torchrun --nproc_per_node=N`` the SGD twins (the costly part) are shared: each process trains
+    twins ``rank, rank + N, ...`` and all gather them; rank 0 alone generates (timed with the other
+    processes waiting), scores and writes the report."""
+    from synthnet import distributed
+
+    rank, _ = distributed.setup(cfg.device)
+    if rank:
+        logging.getLogger("synthnet").setLevel(logging.WARNING)  # rank 0 alone logs
+    try:
+        _evaluate(cfg)
+    finally:
+        distributed.teardown()
+
+
+def _evaluate(cfg: DictConfig) -> None:
     from tqdm.auto import tqdm
 
+    from synthnet import distributed
     from synthnet.commands.artifacts import check_generator_matches
     from synthnet.evaluation.baselines import build_baselines
     from synthnet.evaluation.pipeline import Generated, Options, evaluate
@@ -118,7 +133,9 @@ def evaluate_command(cfg: DictConfig) -> None:
     pool = cfg.evaluate.novelty_pool
     if pool not in ("final", "all"):
         raise SynthNetError(f"evaluate.novelty_pool must be final or all, got {pool!r}")
-    device = torch.device(cfg.device)
+    device = distributed.local_device(cfg.device)
+    distributed.check_enough(count, "evaluate.count")
+    main = distributed.is_main_process()
     target_config, task_config = container(cfg.target), container(cfg.task)
     task = build_task(task_config, cfg.paths.data_dir)
     model = build_target(target_config, task.input_shape, task.num_classes).to(device)
@@ -137,10 +154,10 @@ def evaluate_command(cfg: DictConfig) -> None:
     log.info("%s; zoo of %d runs; %d evaluation inits from seed %d; %d generator(s)", task.summary(),
              len(zoo.seeds), count, seeds[0], len(files))
     stages = 2 * len(files) + 3 + 2 + 4 + len(cfg.evaluate.noise_scales)  # see the bar.update / tick calls
-    bar = tqdm(total=stages, desc="evaluate", disable=not cfg.progress, leave=False)
+    bar = tqdm(total=stages, desc="evaluate", disable=not (cfg.progress and main), leave=False)
 
     generated = []
-    for path, loaded in loaded_files:
+    for path, loaded in loaded_files if main else []:  # the others wait at the barrier: nothing shares the clock
         bar.set_postfix_str(f"generate {path.stem}")
         _, layout = target_layout(target_config, task.input_shape, task.num_classes, loaded.chunk_size)
         check_layout(layout, loaded.metadata.get("num_tokens"), str(path))
@@ -163,8 +180,11 @@ def evaluate_command(cfg: DictConfig) -> None:
     bar.set_postfix_str(f"SGD twins ({final_step} steps)")
     inits = [init_state_dict(target_config, task.input_shape, task.num_classes, s) for s in seeds]
     group_size = None if cfg.zoo.group_size is None else int(cfg.zoo.group_size)
+    distributed.barrier()
     twins = train_twins(model, inits, seeds, task, Recipe(**{**recipe_fields, "checkpoint_every": every}),
                         group_size=group_size)  # trained as the zoo trains this target
+    if not main:
+        return
     bar.update(3)
     log.info("twins: test accuracy %.4f after %d steps (%.1f s of training, %d at a time)",
              float(twins.test_accuracy[-1].mean()), final_step, float(twins.seconds[-1].sum()), twins.group_size)

@@ -17,10 +17,25 @@ log = logging.getLogger("synthnet")
 @command("generate", "write generate.count networks made in generate.steps steps from fresh inits "
                      "(generate.generator=PATH; default generators/{generator}-{method}.safetensors)")
 def generate_command(cfg: DictConfig) -> None:
+    """Under ``torchrun --nproc_per_node=N`` each process generates and writes its share of the seeds
+    (``rank, rank + N, ...``); rank 0 gathers the accuracies and prints the table. Deterministic generation
+    (the default) writes the same files as one process; with ``generate.noise_scale > 0`` rank r draws its
+    noise from ``seed + r``."""
+    from synthnet import distributed
+
+    rank, _ = distributed.setup(cfg.device)
+    if rank:
+        logging.getLogger("synthnet").setLevel(logging.WARNING)  # rank 0 alone logs
+    _generate(cfg)
+    distributed.barrier()
+    distributed.teardown()
+
+
+def _generate(cfg: DictConfig) -> None:
     import numpy as np
     import torch
 
-    from synthnet import __version__
+    from synthnet import __version__, distributed
     from synthnet.evaluation.scoring import accuracy_and_loss
     from synthnet.generation import check_layout, generate_networks, target_layout
     from synthnet.generators import load_generator
@@ -32,7 +47,8 @@ def generate_command(cfg: DictConfig) -> None:
     steps = int(cfg.generate.steps)
     noise_scale = float(cfg.generate.noise_scale)
     target_config, task_config = container(cfg.target), container(cfg.task)
-    device = torch.device(cfg.device)
+    device = distributed.local_device(cfg.device)
+    distributed.check_enough(count, "generate.count")
     path = generator_path(cfg, cfg.generate.generator)
     loaded = load_generator(path, device)
     check_generator_matches(path, loaded, target_config, task_config)
@@ -45,14 +61,20 @@ def generate_command(cfg: DictConfig) -> None:
     first = int(cfg.generate.first_seed)
     if first < int(cfg.zoo.first_seed) + int(cfg.zoo.runs):
         log.warning("generate.first_seed %d overlaps the zoo's seeds; the inits are not new", first)
-    seeds = list(range(first, first + count))
-    rng = torch.Generator(device=device).manual_seed(int(cfg.seed)) if noise_scale > 0 else None
+    all_seeds = list(range(first, first + count))
+    seeds = distributed.share(all_seeds)  # this process's share (all of them in one process)
+    rng = torch.Generator(device=device).manual_seed(int(cfg.seed) + distributed.rank()) if noise_scale > 0 else None
     out = generate_networks(loaded.model, layout, target_config, task.input_shape, task.num_classes, seeds, steps,
                             noise_scale=noise_scale, rng=rng, device=device)
     x_test, y_test = task.x_test.to(device), task.y_test.to(device)
     template = template.to(device)
-    accuracies = [accuracy_and_loss(template, {k: v.to(device) for k, v in sd.items()}, x_test, y_test)[0].cpu()
-                  for sd in out.state_dicts]
+    mine = torch.stack([accuracy_and_loss(template, {k: v.to(device) for k, v in sd.items()}, x_test, y_test)[0]
+                        .cpu().double() for sd in out.state_dicts])  # (steps + 1, len(seeds))
+    gathered = torch.zeros(steps + 1, count, dtype=torch.float64)
+    gathered[:, distributed.rank()::distributed.world_size()] = mine
+    accuracies = list(distributed.all_sum(gathered))  # every seed's, in seed order
+    position = {seed: i for i, seed in enumerate(all_seeds)}
+    seconds = distributed.all_max(out.seconds)
 
     folder = Path(cfg.paths.generated_dir) / path.name.removesuffix(".safetensors")
     final = out.state_dicts[-1]
@@ -60,9 +82,11 @@ def generate_command(cfg: DictConfig) -> None:
         metadata = {"generator_file": str(path), "generator": loaded.config["name"], "seed": seed, "steps": steps,
                     "noise_scale": noise_scale, "target": target_config["name"], "target_config": target_config,
                     "task": task_config["name"], "task_config": task_config,
-                    "test_accuracy": float(accuracies[-1][i]), "synthnet_version": __version__}
+                    "test_accuracy": float(accuracies[-1][position[seed]]), "synthnet_version": __version__}
         save_state_dict(folder / f"seed_{seed:07d}.safetensors", {k: v[i] for k, v in final.items()}, metadata)
 
+    if not distributed.is_main_process():
+        return
     sgd = "n/a"
     runs = list_runs(cfg.paths.checkpoints_dir)
     if runs:
@@ -70,7 +94,7 @@ def generate_command(cfg: DictConfig) -> None:
         finals = [f for f in finals if f is not None]
         if finals:
             sgd = f"{np.mean(finals):.4f} (mean of {len(finals)} zoo runs)"
-    print(f"generate: {count} networks in {steps} steps with {path.name} ({out.seconds:.2f} s) -> {folder}")
+    print(f"generate: {count} networks in {steps} steps with {path.name} ({seconds:.2f} s{f' on the slowest of {distributed.world_size()} processes' if distributed.active() else ''}) -> {folder}")
     print("| step | t    | test acc mean | min    | max    | zoo SGD test acc |")
     for k, acc in enumerate(accuracies):
         print(f"| {k:4d} | {float(out.result.times[k]):.2f} | {float(acc.mean()):13.4f} | {float(acc.min()):.4f} "

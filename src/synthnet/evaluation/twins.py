@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from synthnet import distributed
 from synthnet.evaluation.scoring import stack_state_dicts
 from synthnet.tasks import Task
 from synthnet.zoo.training import Checkpoint, Recipe, steps_per_epoch, train_runs
@@ -81,7 +82,9 @@ def train_twins(model: nn.Module, inits: Sequence[Mapping[str, torch.Tensor]], s
     """Train one twin per (init, seed) with ``recipe``, ``group_size`` runs at a time (None: as the
     zoo trains this target), recording accuracy and training time at every checkpoint.
 
-    The weights are kept at ``keep_steps`` (plus 0 and the final step); None keeps every checkpoint."""
+    The weights are kept at ``keep_steps`` (plus 0 and the final step); None keeps every checkpoint.
+    Under torchrun each process trains twins ``rank, rank + W, ...`` and every process returns all of
+    them (its seconds are its own process's clock)."""
     from synthnet.zoo import default_group_size
 
     group_size = int(group_size or default_group_size(model))
@@ -101,13 +104,18 @@ def train_twins(model: nn.Module, inits: Sequence[Mapping[str, torch.Tensor]], s
         if keep is None or checkpoint.step in keep:
             record["states"][i] = checkpoint.state_dict
 
-    for start in range(0, runs, group_size):
-        group = list(range(start, min(start + group_size, runs)))
+    mine = distributed.share(list(range(runs)))  # under torchrun: this process's twins, in groups of its own
+    for start in range(0, len(mine), group_size):
+        group = mine[start:start + group_size]
         members.update({i: len(group) for i in group})
         train_runs(model, [inits[i] for i in group], [int(seeds[i]) for i in group], task, recipe, on_checkpoint)
     steps = sorted(records)
-    states = {step: stack_state_dicts(records[step]["states"]) for step in steps if keep is None or step in keep}
-    table = lambda key: torch.tensor([records[s][key] for s in steps], dtype=torch.float64)  # noqa: E731
+    zeros = {name: torch.zeros_like(tensor) for name, tensor in inits[0].items()}  # other processes' twins
+    states = {step: {name: distributed.all_sum(tensor) for name, tensor in stack_state_dicts(
+        [s if s is not None else zeros for s in records[step]["states"]]).items()}
+        for step in steps if keep is None or step in keep}
+    table = lambda key: distributed.all_sum(  # noqa: E731
+        torch.tensor([records[s][key] for s in steps], dtype=torch.float64))
     return Twins(seeds=[int(s) for s in seeds], final_step=final_step, steps=torch.tensor(steps),
                  seconds=table("seconds"), val_accuracy=table("val"), test_accuracy=table("test"), states=states,
                  group_size=group_size)
