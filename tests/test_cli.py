@@ -79,6 +79,10 @@ def test_pipeline_smoke_runs_every_stage_with_the_default_curriculum(tmp_path, c
     assert set(report["generators"]) == {"perceiver_moe-imitation", "perceiver_moe-task"}
     assert (target_dir / "reports" / "report.md").is_file()
     assert all(row["count"] == 3 for row in report["generators"].values())  # experiment=smoke: 3 per row
+    for row in [*report["generators"].values(), report["twins"]]:  # int8 keeps accuracy, int4 is reported too
+        assert set(row["quantized_test_accuracy"]) == {"int8", "int4"}
+        assert abs(row["quantized_test_accuracy"]["int8"]["mean"] - row["test_accuracy"]["mean"]) < 0.05
+    assert "- quantized test accuracy (round to nearest" in (target_dir / "reports" / "report.md").read_text()
 
     import torch
     from safetensors import safe_open

@@ -33,6 +33,39 @@ def test_train_then_generate_writes_plain_loadable_files(tiny_zoo, tmp_path, cap
     assert "was trained for target" in capsys.readouterr().err
 
 
+def test_generate_writes_pruned_and_quantized_networks(tiny_zoo, tmp_path, capsys):
+    """generate.prune / generate.bits: plain safetensors with exactly that share of weights zeroed and every
+    weight on its output channel's grid of 2^bits - 1 levels, the settings and the sparsity in the header."""
+    import json
+
+    assert main(["train", *_args(tiny_zoo, tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["generate", *_args(tiny_zoo, tmp_path, "generate.count=2", "generate.prune=0.9",
+                                    "generate.bits=4")]) == 0
+    out = capsys.readouterr().out
+    assert "written networks (0.9 of weights zeroed, 4-bit): test acc mean" in out
+    files = sorted((tmp_path / "digits-mlp" / "generated" / "perceiver_moe-imitation").glob("*.safetensors"))
+    assert len(files) == 2
+    model = build_target({"name": "mlp", "hidden": [16]}, (1, 8, 8), 10)
+    from safetensors import safe_open
+    for f in files:
+        weights = load_file(str(f))
+        model.load_state_dict(weights, strict=True)
+        matrices = [weights[k] for k in ("layers.0.weight", "layers.1.weight")]
+        total = sum(m.numel() for m in matrices)
+        zeros = sum(int((m == 0).sum()) for m in matrices)
+        assert zeros == round(0.9 * total)
+        for m in matrices:
+            for row in m:
+                assert len(row.unique()) <= 15
+        with safe_open(str(f), "pt") as handle:
+            header = handle.metadata()
+        assert json.loads(header["bits"]) == 4 and json.loads(header["prune"]) == 0.9
+        assert abs(json.loads(header["weight_sparsity"]) - zeros / total) < 1e-6
+    assert main(["generate", *_args(tiny_zoo, tmp_path, "generate.bits=1")]) == 2
+    assert "generate.bits" in capsys.readouterr().err
+
+
 def test_flat_baseline_trains_the_same_way(tiny_zoo, tmp_path):
     assert main(["train", *_args(tiny_zoo, tmp_path, "generator=flat_mlp", "generator.hidden=32")]) == 0
     assert main(["generate", *_args(tiny_zoo, tmp_path, "generator=flat_mlp", "generate.count=2")]) == 0

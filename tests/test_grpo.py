@@ -201,6 +201,35 @@ def test_magnitude_prune_exact_fraction_per_network():
     assert global_pruned["a"].tolist() == [[0.0, -4.0]] and global_pruned["c"].tolist() == [[3.0, 0.0]]
 
 
+def test_quantize_rounds_each_output_channel_to_its_own_grid():
+    """Symmetric round to nearest with one scale per output channel: every weight is an integer in
+    [-q_max, q_max] times its channel's scale, the error is at most half a step, zeros stay zeros, biases
+    and zero channels are kept, and stacked networks are quantized one by one."""
+    from synthnet.methods.rewards import quantize
+
+    torch.manual_seed(0)
+    stacked = {"w": torch.randn(3, 6, 2, 5), "b": torch.randn(3, 6)}
+    stacked["w"][1, 2] = 0.0  # a dead channel
+    pruned = magnitude_prune(stacked, 0.6, batch_dims=1)
+    for bits in (8, 4, 2):
+        q_max = 2 ** (bits - 1) - 1
+        out = quantize(pruned, bits, batch_dims=1)
+        assert torch.equal(out["b"], stacked["b"])
+        scale = pruned["w"].abs().amax(dim=(2, 3), keepdim=True) / q_max
+        steps = torch.where(scale > 0, out["w"] / torch.where(scale > 0, scale, 1), 0)
+        assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= q_max + 1e-4
+        assert ((out["w"] - pruned["w"]).abs() <= scale / 2 + 1e-6).all()
+        assert torch.equal(out["w"][pruned["w"] == 0], torch.zeros(int((pruned["w"] == 0).sum())))
+        assert torch.equal(out["w"][1, 2], torch.zeros(2, 5))
+        for i in range(3):
+            for channel in range(6):
+                assert len(out["w"][i, channel].unique()) <= 2 * q_max + 1
+        assert torch.equal(quantize({"w": pruned["w"][0]}, bits)["w"], out["w"][0])
+    assert (quantize(stacked, 16, batch_dims=1)["w"] - stacked["w"]).abs().max() < 1e-3
+    with pytest.raises(SynthNetError, match="bits must be 2..16"):
+        quantize(stacked, 1)
+
+
 def test_rewards_batched_equals_loop(digits_task):
     model = MLP(input_shape=digits_task.input_shape, num_classes=10, hidden=[8])
     nets = []
@@ -210,7 +239,7 @@ def test_rewards_batched_equals_loop(digits_task):
                                                              hidden=[8]).state_dict().items()})
     stacked = {k: torch.stack([n[k] for n in nets]) for k in nets[0]}
     for name in REWARDS:
-        settings = {"prune_fraction": 0.3} if name == "pruned_val_accuracy" else {}
+        settings = {"pruned_val_accuracy": {"prune_fraction": 0.3}, "quantized_val_accuracy": {"bits": 3}}.get(name, {})
         batched = Reward(name, model, digits_task.x_val, digits_task.y_val, settings)(stacked)
         looped = Reward(name, model, digits_task.x_val, digits_task.y_val, settings, scoring="loop")(stacked)
         assert batched.shape == (4,)
@@ -222,6 +251,9 @@ def test_rewards_batched_equals_loop(digits_task):
     # pruning everything leaves bias-only networks: every input gets the same class
     fully = Reward("pruned_val_accuracy", model, digits_task.x_val, digits_task.y_val, {"prune_fraction": 1.0})
     assert (fully(stacked) < 0.2).all()
+    two_bit = Reward("quantized_val_accuracy", model, digits_task.x_val, digits_task.y_val, {"bits": 2})(stacked)
+    eight_bit = Reward("quantized_val_accuracy", model, digits_task.x_val, digits_task.y_val, {"bits": 8})(stacked)
+    assert torch.allclose(eight_bit, accuracy, atol=0.02) and not torch.equal(two_bit, accuracy)
 
 
 def test_rewards_on_tokens_roundtrip(digits_task):

@@ -195,6 +195,7 @@ def _evaluate(cfg: DictConfig) -> None:
     options = Options(insensitive_below=float(cfg.evaluate.insensitive_below),
                       collapse_below=float(cfg.evaluate.collapse_below),
                       prune_fractions=tuple(float(p) for p in cfg.evaluate.prune_fractions),
+                      quantize_bits=tuple(int(b) for b in cfg.evaluate.quantize_bits),
                       zoo_rows=int(cfg.evaluate.zoo_rows))
 
     def tick(stage: str) -> None:

@@ -39,6 +39,7 @@ def _generate(cfg: DictConfig) -> None:
     from synthnet.evaluation.scoring import accuracy_and_loss
     from synthnet.generation import check_layout, generate_networks, target_layout
     from synthnet.generators import load_generator
+    from synthnet.methods.rewards import compress
     from synthnet.storage import read_metadata, save_state_dict
     from synthnet.tasks import build_task
     from synthnet.zoo import list_runs
@@ -68,21 +69,27 @@ def _generate(cfg: DictConfig) -> None:
                             noise_scale=noise_scale, rng=rng, device=device)
     x_test, y_test = task.x_test.to(device), task.y_test.to(device)
     template = template.to(device)
+    final = compress(out.state_dicts[-1], cfg.generate.prune, cfg.generate.bits, [s.weight for s in
+                                                                                  template.layer_specs()])
+    compressed = final is not out.state_dicts[-1]
+    written = [*out.state_dicts, final] if compressed else out.state_dicts
     mine = torch.stack([accuracy_and_loss(template, {k: v.to(device) for k, v in sd.items()}, x_test, y_test)[0]
-                        .cpu().double() for sd in out.state_dicts])  # (steps + 1, len(seeds))
-    gathered = torch.zeros(steps + 1, count, dtype=torch.float64)
+                        .cpu().double() for sd in written])  # (steps + 1 [+ 1], len(seeds))
+    gathered = torch.zeros(len(written), count, dtype=torch.float64)
     gathered[:, distributed.rank()::distributed.world_size()] = mine
     accuracies = list(distributed.all_sum(gathered))  # every seed's, in seed order
     position = {seed: i for i, seed in enumerate(all_seeds)}
     seconds = distributed.all_max(out.seconds)
 
     folder = Path(cfg.paths.generated_dir) / path.name.removesuffix(".safetensors")
-    final = out.state_dicts[-1]
+    weights = [s.weight for s in template.layer_specs()]
+    zeros = sum((final[w] == 0).flatten(1).sum(1) for w in weights) / sum(final[w][0].numel() for w in weights)
     for i, seed in enumerate(seeds):
         metadata = {"generator_file": str(path), "generator": loaded.config["name"], "seed": seed, "steps": steps,
                     "noise_scale": noise_scale, "target": target_config["name"], "target_config": target_config,
                     "task": task_config["name"], "task_config": task_config,
-                    "test_accuracy": float(accuracies[-1][position[seed]]), "synthnet_version": __version__}
+                    "test_accuracy": float(accuracies[-1][position[seed]]), "synthnet_version": __version__,
+                    "prune": cfg.generate.prune, "bits": cfg.generate.bits, "weight_sparsity": round(float(zeros[i]), 6)}
         save_state_dict(folder / f"seed_{seed:07d}.safetensors", {k: v[i] for k, v in final.items()}, metadata)
 
     if not distributed.is_main_process():
@@ -96,6 +103,11 @@ def _generate(cfg: DictConfig) -> None:
             sgd = f"{np.mean(finals):.4f} (mean of {len(finals)} zoo runs)"
     print(f"generate: {count} networks in {steps} steps with {path.name} ({seconds:.2f} s{f' on the slowest of {distributed.world_size()} processes' if distributed.active() else ''}) -> {folder}")
     print("| step | t    | test acc mean | min    | max    | zoo SGD test acc |")
-    for k, acc in enumerate(accuracies):
+    for k, acc in enumerate(accuracies[:steps + 1]):
         print(f"| {k:4d} | {float(out.result.times[k]):.2f} | {float(acc.mean()):13.4f} | {float(acc.min()):.4f} "
               f"| {float(acc.max()):.4f} | {sgd if k == steps else ''} |")
+    if compressed:
+        acc = accuracies[-1]
+        print(f"written networks ({f'{cfg.generate.prune:g} of weights zeroed' if cfg.generate.prune else 'dense'}, "
+              f"{f'{cfg.generate.bits}-bit' if cfg.generate.bits else 'float32'}): test acc mean {float(acc.mean()):.4f}"
+              f"  min {float(acc.min()):.4f}  max {float(acc.max()):.4f}")

@@ -172,6 +172,12 @@ class Generate:
                                             "{generator.name}-{method.name}.safetensors")
     noise_scale: float = option(0.0, "> 0: stochastic sampling around each prediction (std in token units)",
                                 low=0)
+    prune: Optional[float] = option(None, "write networks with this fraction of their weights zeroed (smallest "
+                                          "magnitudes of the whole network, exact count; biases kept); null = "
+                                          "dense", low=0, high=1)
+    bits: Optional[int] = option(None, "write networks quantized to this many bits (round to nearest, one scale "
+                                       "per output channel, after pruning; 8 = int8, 4 = int4); null = float32",
+                                 low=2, high=16)
 
 
 @dataclass
@@ -199,6 +205,9 @@ class Evaluate:
     prune_fractions: List[float] = option([0.5, 0.8], "pruned test accuracy after zeroing these fractions of "
                                                       "weights", low=0, high=1, each=True)
     timing_repeats: int = option(3, "generation is timed this many times (median); twins train once", low=1)
+    quantize_bits: List[int] = option([8, 4], "quantized test accuracy at these bit widths (round to nearest, one "
+                                              "scale per output channel, biases kept) for every generator and the "
+                                              "twins", low=2, high=16, each=True)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from synthnet.evaluation import metrics
 from synthnet.evaluation.baselines import Baseline
 from synthnet.evaluation.scoring import accuracy_and_loss, predictions
 from synthnet.evaluation.twins import Twins
-from synthnet.methods.rewards import magnitude_prune
+from synthnet.methods.rewards import magnitude_prune, quantize
 from synthnet.targets import LayerSpec
 from synthnet.tasks import Task
 
@@ -58,6 +58,7 @@ class Options:
     insensitive_below: float = 0.1  # input-sensitivity ratio under which a generator is flagged
     collapse_below: float = 1.0  # flag as collapsed when input sensitivity AND diversity ratios are below this
     prune_fractions: tuple[float, ...] = (0.5, 0.8)
+    quantize_bits: tuple[int, ...] = (8, 4)
     keep_matrices: bool = True  # IoU matrices in the result (for plots)
     zoo_rows: int = 64  # zoo finals scored against the rest of the zoo for the zoo-vs-zoo row
 
@@ -205,6 +206,8 @@ def evaluate(*, model: nn.Module, specs: Sequence[LayerSpec], task: Task, zoo: Z
                 "twin_vs_twin": twin_row["_matrices"]["self"]}
     twin_pruned = {f"{p:g}": metrics.summary(scorer.accuracy(magnitude_prune(
         twin_final, p, batch_dims=1, names=[s.weight for s in specs]))) for p in options.prune_fractions}
+    twin_quantized = {f"int{b}": metrics.summary(scorer.accuracy(quantize(
+        twin_final, b, batch_dims=1, names=[s.weight for s in specs]))) for b in options.quantize_bits}
     result_generators = {}
     for gen in generated:
         tick(f"generator {gen.name}")
@@ -242,6 +245,8 @@ def evaluate(*, model: nn.Module, specs: Sequence[LayerSpec], task: Task, zoo: Z
                   "ratio": _ratio(float(twin_seconds.median()), per_network)}
         pruned = {f"{p:g}": metrics.summary(scorer.accuracy(magnitude_prune(
             final, p, batch_dims=1, names=[s.weight for s in specs]))) for p in options.prune_fractions}
+        quantized = {f"int{b}": metrics.summary(scorer.accuracy(quantize(
+            final, b, batch_dims=1, names=[s.weight for s in specs]))) for b in options.quantize_bits}
         headline = {
             "accuracy_ratio": _ratio(row["test_accuracy"]["mean"], twin_row["test_accuracy"]["mean"]),
             "novelty_ratio": _ratio(row["max_iou_vs_zoo"]["mean"], twin_row["max_iou_vs_zoo"]["mean"]),
@@ -263,7 +268,7 @@ def evaluate(*, model: nn.Module, specs: Sequence[LayerSpec], task: Task, zoo: Z
         result_generators[gen.name] = {
             **_public(row), "info": gen.info, "per_step": per_step, "input_sensitivity": sensitivity,
             "time_to_accuracy": timing, "pruned_test_accuracy": pruned,
-            "twins_at_matched_accuracy": matched, "headline": headline,
+            "quantized_test_accuracy": quantized, "twins_at_matched_accuracy": matched, "headline": headline,
             "placement": placement(row, baseline_rows),
         }
     twin_curve = {**frontier, "seconds_per_network": twins.seconds.mean(1).tolist(), "group_size": twins.group_size}
@@ -272,11 +277,12 @@ def evaluate(*, model: nn.Module, specs: Sequence[LayerSpec], task: Task, zoo: Z
         "zoo": {**_public(zoo_row), "seeds": zoo.seeds, "novelty_pool": zoo.pool_name,
                 "pool_size": metrics.count(zoo.pool)},
         "twins": {**_public(twin_row), "seeds": twins.seeds, "final_step": twins.final_step, "curve": twin_curve,
-                  "pruned_test_accuracy": twin_pruned},
+                  "pruned_test_accuracy": twin_pruned, "quantized_test_accuracy": twin_quantized},
         "baselines": {name: _public(row) for name, row in baseline_rows.items()},
         "generators": result_generators,
         "options": {"insensitive_below": options.insensitive_below, "collapse_below": options.collapse_below,
-                    "prune_fractions": list(options.prune_fractions)},
+                    "prune_fractions": list(options.prune_fractions),
+                    "quantize_bits": list(options.quantize_bits)},
     }
     if options.keep_matrices:
         result["iou_matrices"] = {name: m.tolist() for name, m in matrices.items()}

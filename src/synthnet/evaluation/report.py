@@ -142,7 +142,10 @@ def markdown(result: Mapping[str, Any], header: Mapping[str, Any]) -> str:
                   f"{', '.join(place['dominates']) or 'none'}; dominated by {', '.join(place['dominated_by']) or 'none'}",
                   "- pruned test accuracy (smallest weights zeroed): " + "; ".join(
                       f"{p}: {_pm(acc)} (twins {_pm(result['twins']['pruned_test_accuracy'].get(p))})"
-                      for p, acc in gen["pruned_test_accuracy"].items()), ""]
+                      for p, acc in gen["pruned_test_accuracy"].items()),
+                  "- quantized test accuracy (round to nearest, one scale per output channel): " + "; ".join(
+                      f"{b}: {_pm(acc)} (twins {_pm(result['twins'].get('quantized_test_accuracy', {}).get(b))})"
+                      for b, acc in gen.get("quantized_test_accuracy", {}).items()), ""]
     if not result["generators"]:
         lines += ["No generator was evaluated (evaluate.generators=[]): twins, zoo and baselines only.", ""]
     lines += ["## Baselines", ""] + [f"- {name}: {row['description']}" for name, row in result["baselines"].items()]

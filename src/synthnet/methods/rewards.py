@@ -10,6 +10,8 @@ number GRPO optimises is the number evaluation reports. A new reward is one entr
 * ``pruned_val_accuracy``: validation accuracy after :func:`magnitude_prune` zeroes the
   smallest ``prune_fraction`` of the weights by magnitude (non-differentiable twice over:
   argmax accuracy and a top-k mask).
+* ``quantized_val_accuracy``: validation accuracy after :func:`quantize` rounds the weights to
+  ``bits`` bits (symmetric, one scale per output channel; rounding has no useful gradient).
 
 Scoring runs all R networks as one ``functional_call`` under ``vmap`` (``batched``) or
 one network at a time (``loop``); ``bench/grpo.py`` measures both (best of 7 timings) and
@@ -79,6 +81,41 @@ def magnitude_prune(state_dict: Mapping[str, torch.Tensor], fraction: float, *, 
 
 
 @torch.no_grad()
+def quantize(state_dict: Mapping[str, torch.Tensor], bits: int, *, batch_dims: int = 0,
+             names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Round-to-nearest symmetric quantization with one scale per output channel; return a new state dict.
+
+    Each eligible tensor ``(*batch, out, ...)`` gets, per output channel, ``scale = max|w| / q_max`` with
+    ``q_max = 2^(bits-1) - 1`` and becomes ``clamp(round(w / scale), -q_max, q_max) * scale``: float
+    tensors whose entries are integers times their channel's scale (a zero channel stays zero, and so
+    do zeros from :func:`magnitude_prune`). ``names`` defaults to every tensor with at least 2 dimensions
+    beyond the batch ones (biases are kept in float, as integer inference keeps them in 32 bits)."""
+    bits = int(bits)
+    if not 2 <= bits <= 16:
+        raise SynthNetError(f"quantization bits must be 2..16, got {bits}")
+    if names is None:
+        names = [k for k, v in state_dict.items() if v.dim() - batch_dims >= 2]
+    q_max = 2 ** (bits - 1) - 1
+    out = dict(state_dict)
+    for name in names:
+        tensor = state_dict[name]
+        reduce = tuple(range(batch_dims + 1, tensor.dim()))
+        scale = tensor.abs().amax(dim=reduce, keepdim=True) / q_max
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        out[name] = torch.clamp(torch.round(tensor / safe), -q_max, q_max) * scale
+    return out
+
+
+def compress(stacked: StackedWeights, prune: float | None, bits: int | None, names: list[str]) -> StackedWeights:
+    """R stacked networks pruned (global magnitude, exact count) and then quantized, as ``generate`` writes
+    them; ``stacked`` itself when both are None."""
+    if prune:
+        stacked = magnitude_prune(stacked, float(prune), batch_dims=1, names=names)
+    if bits:
+        stacked = quantize(stacked, int(bits), batch_dims=1, names=names)
+    return stacked
+
+
 def accuracy_and_loss_loop(model: nn.Module, stacked: StackedWeights, inputs: torch.Tensor,
                            labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Same numbers as :func:`synthnet.evaluation.scoring.accuracy_and_loss`, one network at a
@@ -113,6 +150,17 @@ class PruneOptions:
         check_options(self, "reward.")
 
 
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """``reward=quantized_val_accuracy``: validation accuracy after :func:`quantize` (round to nearest,
+    one scale per output channel; biases kept)."""
+
+    bits: int = option(4, "bit width of every weight tensor (int8 = 8, int4 = 4)", low=2, high=16)
+
+    def __post_init__(self):
+        check_options(self, "reward.")
+
+
 def _val_accuracy(scores, model, stacked, inputs, labels, options: NoOptions):
     return scores(model, stacked, inputs, labels)[0]
 
@@ -126,12 +174,17 @@ def _pruned_val_accuracy(scores, model, stacked, inputs, labels, options: PruneO
     return scores(model, pruned, inputs, labels)[0]
 
 
+def _quantized_val_accuracy(scores, model, stacked, inputs, labels, options: QuantizeOptions):
+    return scores(model, quantize(stacked, int(options.bits), batch_dims=1), inputs, labels)[0]
+
+
 # name -> (options class, reward function); val_accuracy (accuracy of each generated network on the
 # validation split) is the default, val_loss (minus the validation cross-entropy) is smooth and rarely ties
 REWARDS: dict[str, tuple[type, Callable]] = {
     "val_accuracy": (NoOptions, _val_accuracy),
     "val_loss": (NoOptions, _val_loss),
     "pruned_val_accuracy": (PruneOptions, _pruned_val_accuracy),
+    "quantized_val_accuracy": (QuantizeOptions, _quantized_val_accuracy),
 }
 
 
