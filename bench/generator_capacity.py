@@ -4,8 +4,9 @@ on the same zoo and the same budget, in one side-by-side table.
     python bench/generator_capacity.py --root runs/capacity --setting mnist1d-mlp \
         [--imitation-steps 600] [--task-steps 400] [--variants base wide ...]
 
-For each variant this runs ``synthnet train method=task`` (which trains imitation first) with
-the variant's overrides into its own folder, sharing one zoo, then generates networks from
+For each variant this runs ``synthnet train method=task`` (which trains imitation first; the
+``fresh`` variants start from a new generator and skip it) with the variant's overrides into its
+own folder, sharing one zoo, then generates networks from
 ``--count`` held-out inits (the task method's validation seeds) and prints: the generated
 networks' loss on the whole **training** split (can the generator emit precise weights at
 all?), their validation accuracy, their diversity (mean pairwise disagreement of validation
@@ -28,6 +29,8 @@ SETTINGS = {  # the results table's settings (bench/results_table.py), smaller z
     "digits-mlp": ["target=mlp", "task=digits", "zoo.runs=256"],
     "mnist1d-mlp": ["experiment=mnist1d_mlp", "zoo.runs=128", "zoo.epochs=60"],
     "mnist1d-cnn": ["experiment=mnist1d_cnn", "zoo.runs=24", "zoo.epochs=30"],
+    "digits-cnn": ["target=cnn", "target.channels=[8,16]", "target.kernel_size=3", "target.padding=1",
+                   "target.pool=2", "target.fc=[]", "task=digits", "zoo.runs=64"],
 }
 
 VARIANTS = {  # name -> overrides (generator.* and method.* keys of `synthnet train method=task`)
@@ -38,11 +41,15 @@ VARIANTS = {  # name -> overrides (generator.* and method.* keys of `synthnet tr
     "decoder-3": ["+generator.decoder_depth=3"],
     "decoder-messages": ["+generator.decoder_messages=true"],
     "no-messages": ["generator.neuron_messages=false"],
+    "probes": ["generator.probes=32"],
     "direct": ["generator.predict=direct"],
     "chunk-32": ["generator.chunk_size=32"],
     "lr-3e-4-anchor-1": ["method.lr=3e-4", "method.anchor_weight=1.0"],
     "no-anchor": ["method.anchor_weight=0"],
     "every-step": ["method.step_weights=[0.25,0.25,0.5,1]"],
+    # a new generator anchored to the init, no imitation (what the results table uses for the CNN)
+    "fresh": ["method.start=fresh", "method.anchor_weight=0.01"],
+    "fresh-probes": ["method.start=fresh", "method.anchor_weight=0.01", "generator.probes=32"],
 }
 
 
@@ -109,7 +116,10 @@ def main_bench(argv: list[str] | None = None) -> int:
         # base variant's imitation generator (same generator, same zoo): one imitation run serves them all.
         # An imitation generator already on disk (a re-run) is reused and its time shown as "not timed".
         shared = not any(o.lstrip("+").startswith("generator.") for o in VARIANTS[name]) and "base" in done
-        if shared:
+        fresh = "method.start=fresh" in VARIANTS[name]
+        if fresh:  # no imitation stage
+            imitation_cpu = 0.0
+        elif shared:
             overrides.append(f"method.source={done['base']}")
             imitation_cpu = float("nan")
         else:
@@ -127,7 +137,8 @@ def main_bench(argv: list[str] | None = None) -> int:
             done["base"] = Path(compose([*overrides, "method=task"]).paths.generators_dir) / \
                 "perceiver_moe-imitation.safetensors"
         cfg = compose([*overrides, "method=task"])
-        generator_file = Path(cfg.paths.generators_dir) / f"{cfg.generator.name}-task.safetensors"
+        generator_file = Path(cfg.paths.generators_dir) / \
+            f"{cfg.generator.name}-task{'-fresh' if fresh else ''}.safetensors"
         row = {"variant": name, "overrides": " ".join(VARIANTS[name]) or "(defaults)",
                **measure([*overrides, "method=task"], generator_file, args.count),
                "imitation_cpu_s": imitation_cpu, "task_cpu_s": task_cpu}

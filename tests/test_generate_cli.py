@@ -28,9 +28,36 @@ def test_train_then_generate_writes_plain_loadable_files(tiny_zoo, tmp_path, cap
     model = build_target({"name": "mlp", "hidden": [16]}, (1, 8, 8), 10)
     for f in files:  # no SynthNet code needed to use them
         model.load_state_dict(load_file(str(f)), strict=True)
-    # a generator only makes weights for its own target
-    assert main(["generate", *_args(tiny_zoo, tmp_path), "target.hidden=[8]"]) == 2
-    assert "was trained for target" in capsys.readouterr().err
+    # a generator only makes weights for its own kind of target
+    assert main(["generate", *_args(tiny_zoo, tmp_path), "target.activation=tanh"]) == 2
+    assert "cannot make these networks: its target.activation is 'relu', not 'tanh'" in capsys.readouterr().err
+
+
+def test_generate_for_an_unseen_width_and_depth(tiny_zoo, tmp_path, capsys):
+    """Tokens describe units by role, so a generator trained on 64-16-10 makes 64-24-10 and 64-16-16-10 networks
+    from the CLI (zero-shot, said in the log), written apart from its own architecture's; the flat baseline,
+    which reads one vector of a fixed size, is refused in one line."""
+    assert main(["train", *_args(tiny_zoo, tmp_path)]) == 0
+    assert main(["train", *_args(tiny_zoo, tmp_path, "generator=flat_mlp")]) == 0
+    folder = tmp_path / "digits-mlp" / "generated" / "perceiver_moe-imitation"
+    assert main(["generate", *_args(tiny_zoo, tmp_path, "generate.count=2")]) == 0
+    own = {f.name: load_file(str(f)) for f in folder.glob("*.safetensors")}
+    capsys.readouterr()
+    for hidden, tag in (([24], "hidden-24"), ([16, 16], "hidden-16-16")):
+        override = f"target.hidden=[{','.join(map(str, hidden))}]"
+        assert main(["generate", *_args(tiny_zoo, tmp_path, "generate.count=2"), override]) == 0, hidden
+        captured = capsys.readouterr()
+        assert "| step |" in captured.out and "(zero-shot: an architecture it was not trained on)" in captured.out
+        files = sorted((folder / tag).glob("*.safetensors"))
+        assert len(files) == 2
+        model = build_target({"name": "mlp", "hidden": hidden}, (1, 8, 8), 10)
+        for f in files:
+            model.load_state_dict(load_file(str(f)), strict=True)
+    assert {f.name: load_file(str(f)) for f in folder.glob("*.safetensors")}.keys() == own.keys()  # untouched
+    flat = tmp_path / "digits-mlp" / "generators" / "flat_mlp-imitation.safetensors"
+    assert main(["generate", *_args(tiny_zoo, tmp_path, f"generate.generator={flat}"), "target.hidden=[24]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "reads one flat vector" in err and len(err.splitlines()) == 1
 
 
 def test_generate_writes_pruned_and_quantized_networks(tiny_zoo, tmp_path, capsys):
@@ -144,7 +171,8 @@ def test_every_command_refuses_a_generator_for_another_target_or_task(tiny_zoo, 
     }
     capsys.readouterr()
     for name, command in commands.items():
-        for wrong, message in ((["target.hidden=[8]"], "was trained for target"),
+        for wrong, message in ((["target.hidden=[16]", "target.activation=tanh"], "its target.activation is"),
+                               (["target=cnn"], "it makes 'mlp' networks, not 'cnn'"),
                                (["target.hidden=[16]", "task=mnist1d", "task.num_samples=400"],
                                 "was trained on task 'digits'")):
             args = [*command[:2], f"paths.root={other}", "progress=false", *wrong, *command[2:]]

@@ -265,3 +265,66 @@ def test_deterministic_generation_is_reproducible_and_starts_from_the_targets_in
     init = init_state_dict(TARGET, (1, 8, 8), 10, 1000001)
     assert all(torch.equal(a.state_dicts[0][k][1], init[k]) for k in init)
     assert a.result.log_probs is None
+
+
+def _probed(seed=0, **options):
+    template, layout = target_layout(TARGET, (1, 8, 8), 10, 16)
+    torch.manual_seed(seed)
+    model = build_generator({"name": "perceiver_moe", "probes": 6, "probe_values": 64, **SMALL, **options}, layout)
+    return template, layout, model.eval()
+
+
+def test_probe_features_follow_a_true_hidden_permutation_exactly():
+    """Each neuron's probe features come from what it computes on the learned probe inputs, so a function-
+    preserving permutation of hidden units (rows of layer l and columns of layer l + 1) permutes them with the
+    units, to float rounding, though the values inside the next layer's tokens moved."""
+    template, layout, model = _probed()
+    specs = template.layer_specs()
+    states = [build_target(TARGET, (1, 8, 8), 10).state_dict() for _ in range(3)]
+    perms = random_permutations(specs, states[0], torch.Generator().manual_seed(3))
+    tokens = tokenize({k: torch.stack([s[k] for s in states]) for k in states[0]}, layout)
+    permuted_states = [permute_hidden(s, specs, perms) for s in states]
+    permuted = tokenize({k: torch.stack([s[k] for s in permuted_states]) for k in states[0]}, layout)
+    index = token_permutation(layout, perms)  # whole tokens move with their unit
+    with torch.no_grad():
+        features = model._probe_features(tokens, layout)
+        moved = model._probe_features(permuted, layout)
+        other = model._probe_features(tokens[[1, 2, 0]], layout)
+    assert torch.allclose(moved, features[:, index], atol=1e-5)
+    assert not torch.allclose(moved, features, atol=1e-3)  # the units really moved
+    assert (other - features).abs().max() > 1e-2  # and another network is described differently
+
+
+def test_probe_features_describe_what_a_unit_computes_beyond_its_own_weights():
+    """A unit of the second hidden layer whose incoming weights are unchanged gets other features when the
+    first layer (what its inputs compute) changes: the description no row of weights alone can give."""
+    _, layout, model = _probed()
+    state = build_target(TARGET, (1, 8, 8), 10).state_dict()
+    changed = {**state, "layers.0.weight": torch.randn_like(state["layers.0.weight"]) * 0.2}
+    with torch.no_grad():
+        a = model._probe_features(tokenize(state, layout)[None], layout)
+        b = model._probe_features(tokenize(changed, layout)[None], layout)
+    second = layout.layers[1]
+    rows = slice(second.first_token, second.first_token + second.num_tokens)
+    assert torch.equal(tokenize(state, layout)[rows], tokenize(changed, layout)[rows])
+    assert (a[:, rows] - b[:, rows]).abs().max() > 1e-2
+
+
+def test_probes_are_learned_and_need_the_target_network():
+    template, layout, model = _probed()
+    tokens = tokenize(template.state_dict(), layout)[None]
+    model.train()
+    model(tokens, *_times(1), layout).pow(2).sum().backward()  # the head is zero at init: the gradient
+    assert model.probe_inputs.grad is None or model.probe_inputs.grad.abs().sum() == 0  # reaches the head only
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.1)
+    model.zero_grad()
+    model(tokens, *_times(1), layout).pow(2).sum().backward()
+    assert model.probe_inputs.grad.abs().sum() > 0  # then the probe inputs themselves are trained
+    from synthnet.tokenization import build_layout
+    bare = build_layout(template.layer_specs(), template.state_dict(), 16)  # no network in it
+    with pytest.raises(SynthNetError, match="needs the target network"):
+        model(tokens, *_times(1), bare)
+    _, _, small = _probed(probe_values=32)
+    with pytest.raises(SynthNetError, match="probe_values"):
+        small(tokens, *_times(1), layout)

@@ -21,15 +21,17 @@ from synthnet.tokenization import TokenLayout, build_layout, detokenize, tokeniz
 
 def target_layout(target_config: Mapping, input_shape: Sequence[int], num_classes: int,
                   chunk_size: int) -> tuple[nn.Module, TokenLayout]:
-    """The target model (a template) and its token layout for ``chunk_size``."""
+    """The target model (a template) and its token layout for ``chunk_size`` (which holds the model)."""
     model = build_target(target_config, input_shape, num_classes)
-    return model, build_layout(model.layer_specs(), model.state_dict(), chunk_size)
+    return model, build_layout(model.layer_specs(), model.state_dict(), chunk_size, network=model)
 
 
-def check_layout(layout: TokenLayout, num_tokens: int | None, what: str) -> None:
-    if num_tokens is not None and layout.num_tokens != int(num_tokens):
-        raise SynthNetError(f"{what} was made for a target with {num_tokens} tokens; this target has "
-                            f"{layout.num_tokens}")
+def check_layout(layout: TokenLayout, num_values: int | None, what: str) -> None:
+    """A generator of one fixed size (the flat baseline reads one flat vector of ``num_values``) serves only
+    targets of exactly that many values; a token generator (``num_values`` None) serves any size."""
+    if num_values is not None and layout.num_values != int(num_values):
+        raise SynthNetError(f"{what} reads one flat vector of {num_values} values and cannot serve another size; "
+                            f"this target has {layout.num_values}")
 
 
 @dataclass

@@ -6,6 +6,7 @@ generator, TensorBoard under ``<target_dir>/tensorboard``)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -14,21 +15,32 @@ from omegaconf import DictConfig
 from synthnet.errors import SynthNetError
 
 DEFAULT_REWARD = "val_accuracy"
+log = logging.getLogger("synthnet")
 
 
-def check_generator_matches(path: Path, loaded, target_config: dict, task_config: dict) -> None:
-    """The one check that a generator file can serve: its training finished, and it makes weights for this
-    target (the whole target config) on this task. Used by generate, evaluate, GRPO and the task method."""
+def check_generator_matches(path: Path, loaded, target_config: dict, task_config: dict) -> bool:
+    """The one check that a generator file can serve: its training finished, it was trained on this task, and
+    it makes this kind of network (:func:`synthnet.targets.serving_difference`: the same target and options;
+    widths and depths may differ). Used by generate, evaluate, GRPO and the task method. Returns whether the
+    architecture is one it has not seen (zero-shot), after saying so in the log."""
+    from synthnet.targets import serving_difference
+
     if loaded.metadata.get("finished") is False:
         raise SynthNetError(f"{path} is an unfinished training ({loaded.metadata.get('method')}, stopped at "
                             f"{loaded.metadata.get('grpo_iteration', loaded.metadata.get('step'))}); finish it with "
                             f"`synthnet train` (same overrides) or leave it out")
-    if loaded.target_config != target_config:
-        raise SynthNetError(f"{path} was trained for target {loaded.target_config}, not {target_config}; "
-                            f"pass the same target= overrides as for `synthnet train`")
     if loaded.task_config.get("name") != task_config.get("name"):
         raise SynthNetError(f"{path} was trained on task '{loaded.task_config.get('name')}', "
                             f"not '{task_config.get('name')}'")
+    reason = serving_difference(loaded.target_config, target_config)
+    if reason is not None:
+        raise SynthNetError(f"{path} cannot make these networks: {reason}; pass the target= overrides it was "
+                            f"trained with (only widths and depths may differ)")
+    unseen = loaded.target_config != target_config
+    if unseen:
+        log.warning("zero-shot: %s was trained on target %s; making %s, an architecture it has not seen", path,
+                    loaded.target_config, target_config)
+    return unseen
 
 
 def generator_path(cfg: DictConfig, override: str | None) -> Path:

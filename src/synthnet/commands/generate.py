@@ -41,6 +41,7 @@ def _generate(cfg: DictConfig) -> None:
     from synthnet.generators import load_generator
     from synthnet.methods.rewards import compress
     from synthnet.storage import read_metadata, save_state_dict
+    from synthnet.targets import architecture_tag
     from synthnet.tasks import build_task
     from synthnet.zoo import list_runs
 
@@ -52,10 +53,10 @@ def _generate(cfg: DictConfig) -> None:
     distributed.check_enough(count, "generate.count")
     path = generator_path(cfg, cfg.generate.generator)
     loaded = load_generator(path, device)
-    check_generator_matches(path, loaded, target_config, task_config)
+    unseen = check_generator_matches(path, loaded, target_config, task_config)
     task = build_task(task_config, cfg.paths.data_dir)
     template, layout = target_layout(target_config, task.input_shape, task.num_classes, loaded.chunk_size)
-    check_layout(layout, loaded.metadata.get("num_tokens"), str(path))
+    check_layout(layout, loaded.metadata.get("num_values"), str(path))
     parameters = sum(p.numel() for p in template.parameters())
     check_networks_in_memory(cfg, f"generate.count={count} x generate.steps={steps}", count * (steps + 1), parameters)
     check_files_on_disk(cfg, f"generate.count={count}", count, parameters, cfg.paths.generated_dir)
@@ -82,6 +83,8 @@ def _generate(cfg: DictConfig) -> None:
     seconds = distributed.all_max(out.seconds)
 
     folder = Path(cfg.paths.generated_dir) / path.name.removesuffix(".safetensors")
+    if unseen:  # networks of an architecture the generator was not trained on live apart from its own
+        folder = folder / architecture_tag(target_config)
     weights = [s.weight for s in template.layer_specs()]
     zeros = sum((final[w] == 0).flatten(1).sum(1) for w in weights) / sum(final[w][0].numel() for w in weights)
     for i, seed in enumerate(seeds):
@@ -101,7 +104,8 @@ def _generate(cfg: DictConfig) -> None:
         finals = [f for f in finals if f is not None]
         if finals:
             sgd = f"{np.mean(finals):.4f} (mean of {len(finals)} zoo runs)"
-    print(f"generate: {count} networks in {steps} steps with {path.name} ({seconds:.2f} s{f' on the slowest of {distributed.world_size()} processes' if distributed.active() else ''}) -> {folder}")
+    print(f"generate: {count} networks in {steps} steps with {path.name} ({seconds:.2f} s{f' on the slowest of {distributed.world_size()} processes' if distributed.active() else ''}) -> {folder}"
+          f"{' (zero-shot: an architecture it was not trained on)' if unseen else ''}")
     print("| step | t    | test acc mean | min    | max    | zoo SGD test acc |")
     for k, acc in enumerate(accuracies[:steps + 1]):
         print(f"| {k:4d} | {float(out.result.times[k]):.2f} | {float(acc.mean()):13.4f} | {float(acc.min()):.4f} "

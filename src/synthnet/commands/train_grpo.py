@@ -44,7 +44,7 @@ def train_grpo(cfg: DictConfig) -> Path:
     from synthnet.methods.grpo import GRPOSettings
     from synthnet.evaluation.report import plot_reward_curve
     from synthnet.methods.rewards import Reward
-    from synthnet.generation import init_tokens, target_layout
+    from synthnet.generation import check_layout, init_tokens, target_layout
     from synthnet.tasks import build_task
     from synthnet.tokenization import detokenize
 
@@ -61,6 +61,7 @@ def train_grpo(cfg: DictConfig) -> Path:
     check_generator_matches(source, imitation, target_config, task_config)
     task = build_task(task_config, cfg.paths.data_dir)
     model, cpu_layout = target_layout(target_config, task.input_shape, task.num_classes, imitation.chunk_size)
+    check_layout(cpu_layout, imitation.metadata.get("num_values"), str(source))
     model, layout = model.to(device), cpu_layout.to(device)
     reward = Reward(cfg.reward.name, model, task.x_val.to(device), task.y_val.to(device), reward_options,
                     scoring=str(cfg.method.get("scoring", "batched")))

@@ -47,7 +47,7 @@ def train_task_command(cfg: DictConfig) -> Path:
     from synthnet.commands.artifacts import (check_generator_matches, load_resume_state, metrics_log,
                                              refuse_to_replace, resume_path, save_resume_state)
     from synthnet.commands.train_imitation import ensure_imitation
-    from synthnet.generation import init_tokens, target_layout
+    from synthnet.generation import check_layout, init_tokens, target_layout
     from synthnet.generators import build_generator, load_generator, save_generator
     from synthnet.methods.imitation import EMA
     from synthnet.methods.task import TaskSettings, TaskState, step_seeds, train_task, validation_metrics
@@ -87,6 +87,8 @@ def train_task_command(cfg: DictConfig) -> Path:
         source_fingerprint = loaded.metadata.get("fingerprint")
     task = build_task(task_config, cfg.paths.data_dir)
     target, cpu_layout = target_layout(target_config, task.input_shape, task.num_classes, chunk_size)
+    if source is not None:
+        check_layout(cpu_layout, loaded.metadata.get("num_values"), str(source))
     target, layout = target.to(device), cpu_layout.to(device)
 
     path = task_path(cfg)

@@ -94,6 +94,9 @@ _GENERATOR_OPTIONS: dict[str, tuple[str, dict]] = {
     "z_loss_weight": ("router z-loss weight", dict(low=0)),
     "decoder_depth": ("cross-attention layers of the per-token decoder", dict(low=1, high=64)),
     "decoder_messages": ("neuron messages in the decoder as well", {}),
+    "probes": ("learned probe inputs the generated networks are run on, each neuron described by its responses "
+               "(0 = off)", dict(low=0, high=1024)),
+    "probe_values": ("values per probe input (at least the task's input size)", dict(low=1, high=1 << 16)),
     "hidden": ("MLP width", dict(low=1, high=1 << 16)),
     "num_layers": ("hidden layers", dict(low=1, high=1024)),
 }

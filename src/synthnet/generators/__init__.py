@@ -132,7 +132,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Load
     num_values = _header_int(metadata, "num_values", path, 0, 1 << 20) if metadata.get("num_values") is not None \
         else 0
     for key, value in config.items():  # bound sizes before building anything, even on the meta device
-        limit = MAX_MODULE_COUNT if key in ("num_experts", "num_blocks", "num_heads", "decoder_depth") else MAX_OPTION
+        limit = MAX_MODULE_COUNT if key in ("num_experts", "num_blocks", "num_heads", "decoder_depth", "probes") else MAX_OPTION
         if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= limit:
             raise SynthNetError(f"{path}: generator_config '{key}' = {value} is outside [0, {limit}]; "
                                 f"not a generator this file can hold")

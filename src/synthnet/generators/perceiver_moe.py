@@ -27,6 +27,15 @@ information along the real connections of the network:
 Both follow a hidden permutation exactly; only the plain per-token path sees the values
 inside a token in a fixed order (``tests/test_generators.py`` pins down the consequences).
 
+**Probes** (``probes=P > 0``). A hidden neuron's incoming weights say what it computes only in the
+first layer; deeper, it depends on every layer below. The generator keeps ``P`` learned inputs
+(parameters, trained with everything else; no data is read at generation time), runs the
+networks its input tokens describe on them (``torch.func`` under ``vmap``, differentiably) and
+adds to each neuron's tokens an embedding of its pre-activation responses (mean and max over
+positions, normalised per network and layer). Responses move with their neuron under any
+hidden permutation, so this path is exactly equivariant. It needs the target module, which
+:func:`synthnet.generation.target_layout` puts in the layout.
+
 Conditioning: sinusoidal embeddings of ``t_source``, ``t_target`` and their gap, through an
 MLP, modulate every layer norm (adaLN) and are added to the latents; an optional
 ``condition`` vector (B, condition_dim) joins them for later uses.
@@ -42,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthnet.errors import SynthNetError
-from synthnet.tokenization import KINDS, TokenLayout
+from synthnet.tokenization import KINDS, TokenLayout, detokenize
 
 
 def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 1000.0) -> torch.Tensor:
@@ -199,7 +208,8 @@ class PerceiverMoEGenerator(nn.Module):
                  num_heads: int = 4, ff_multiplier: int = 2, num_experts: int = 4, top_k: int = 2,
                  time_dim: int = 64, condition_dim: int = 0, predict: str = "delta", neuron_messages: bool = True,
                  message_rank: int = 32, max_output_units: int = 64, balance_loss_weight: float = 0.01,
-                 z_loss_weight: float = 0.001, decoder_depth: int = 1, decoder_messages: bool = False):
+                 z_loss_weight: float = 0.001, decoder_depth: int = 1, decoder_messages: bool = False,
+                 probes: int = 0, probe_values: int = 1024):
         super().__init__()
         if int(decoder_depth) < 1:
             raise SynthNetError(f"generator.decoder_depth must be at least 1, got {decoder_depth}")
@@ -246,6 +256,11 @@ class PerceiverMoEGenerator(nn.Module):
             nn.init.zeros_(self.edge_row.bias)
             nn.init.zeros_(self.edge_gain.weight)
             nn.init.zeros_(self.edge_gain.bias)
+        self.probes, self.probe_values = int(probes), int(probe_values)
+        if self.probes:  # learned inputs the generated networks are run on; each neuron's responses describe it
+            self.probe_inputs = nn.Parameter(torch.randn(self.probes, self.probe_values) * 0.5)
+            self.probe_embed = nn.Sequential(nn.Linear(2 * self.probes + 1, d_model), nn.SiLU(),
+                                             nn.Linear(d_model, d_model))
         self.decoder_messages = bool(decoder_messages and neuron_messages)
         if self.decoder_messages:  # a second, two-way round of messages on the decoded token features
             self.decoder_message = nn.ModuleDict({
@@ -276,6 +291,41 @@ class PerceiverMoEGenerator(nn.Module):
                                 f"{self.max_output_units} (generator.max_output_units)")
         index = layout.neuron_index.clamp(max=self.max_output_units - 1)
         return self.output_unit_embed(index) * layout.is_output[:, None].to(self.output_unit_embed.weight.dtype)
+
+    def _probe_features(self, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """(B, N, D): every neuron's responses to the learned probe inputs, embedded and added to its tokens.
+
+        The networks the tokens describe are run (batched, differentiably) on the probes; each weight layer's
+        pre-activation output of neuron j, averaged and maxed over positions, is that neuron's description of
+        what it computes, which its incoming weights alone cannot give beyond the first layer. Normalised per
+        network and layer (the log of the scale is one more feature). A hidden permutation permutes the
+        responses with the neurons, so the features follow the symmetry exactly."""
+        from torch.func import functional_call, vmap
+
+        network = layout.network
+        if network is None or not hasattr(network, "input_shape"):
+            raise SynthNetError("this generator uses probes (generator.probes > 0) and needs the target network in "
+                                "the token layout (build it with synthnet.generation.target_layout)")
+        numel = math.prod(network.input_shape)
+        if numel > self.probe_values:
+            raise SynthNetError(f"the target's input has {numel} values; this generator's probes hold "
+                                f"{self.probe_values} (generator.probe_values)")
+        probes = self.probe_inputs[:, :numel].reshape(self.probes, *network.input_shape)
+        params = detokenize(tokens, layout)
+
+        def responses(weights):
+            return functional_call(network, weights, (probes,), {"every_layer": True})
+
+        outputs = vmap(responses)(params)  # per layer (B, P, units, *positions)
+        pieces = []
+        for layer, out in zip(layout.layers, outputs):
+            out = out.flatten(3) if out.dim() > 3 else out[..., None]  # (B, P, U, S)
+            feats = torch.cat([out.mean(-1), out.amax(-1)], dim=1)  # (B, 2P, U)
+            scale = feats.pow(2).mean(dim=(1, 2), keepdim=True).add(1e-12).sqrt()  # (B, 1, 1)
+            feats = torch.cat([feats / scale, scale.log().expand(-1, 1, feats.shape[-1])], dim=1)
+            embedded = self.probe_embed(feats.transpose(1, 2))  # (B, U, D)
+            pieces.append(embedded[:, :, None].expand(-1, -1, layer.chunks_per_row, -1).flatten(1, 2))
+        return torch.cat(pieces, dim=1)
 
     def _messages_in(self, h: torch.Tensor, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Add to every hidden neuron's tokens its outgoing weights, weighted by receiving-row embeddings."""
@@ -352,6 +402,8 @@ class PerceiverMoEGenerator(nn.Module):
         values = torch.cat([tokens * mask, mask.expand(b, -1, -1)], dim=-1)
         h = self.value_embed(values) + self.feature_embed(self.token_features(layout))[None]  # (B, N, D)
         h = h + self.output_embedding(layout)[None]
+        if self.probes:
+            h = h + self._probe_features(tokens * mask, layout)
         if self.neuron_messages:
             h = self._messages_in(h, tokens * mask, layout)
         queries = self.query_norm(h, cond)

@@ -58,14 +58,19 @@ class MLP(nn.Module):
             raise SynthNetError(f"mlp widths must be positive, got hidden={list(hidden)}")
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.act = activation(activation_name)
+        self.input_shape = tuple(int(s) for s in input_shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, *input_shape) -> (batch, classes)
+    def forward(self, x: torch.Tensor, every_layer: bool = False):
+        """(batch, *input_shape) -> logits (batch, classes); with ``every_layer``, the list of every weight
+        layer's pre-activation output (batch, units), in :meth:`layer_specs` order (the last is the logits)."""
         x = x.flatten(1)
+        outputs = []
         for i, layer in enumerate(self.layers):
             x = layer(x)
+            outputs.append(x)
             if i < len(self.layers) - 1:
                 x = self.act(x)
-        return x
+        return outputs if every_layer else x
 
     def layer_specs(self) -> list[LayerSpec]:
         return [LayerSpec(f"layers.{i}.weight", f"layers.{i}.bias", "linear") for i in range(len(self.layers))]
@@ -85,6 +90,7 @@ class CNN(nn.Module):
         if dims is not None and int(dims) != rank:
             raise SynthNetError(f"cnn with dims={dims} cannot run on a {rank}-D task (input shape {tuple(input_shape)})")
         self.rank = rank
+        self.input_shape = tuple(int(s) for s in input_shape)
         conv = nn.Conv1d if rank == 1 else nn.Conv2d
         pool_layer = nn.MaxPool1d if rank == 1 else nn.MaxPool2d
         kernels = [int(kernel_size)] * len(channels) if isinstance(kernel_size, int) else [int(k) for k in kernel_size]
@@ -106,18 +112,26 @@ class CNN(nn.Module):
         widths = [features[0].numel()] + [int(w) for w in fc] + [num_classes]
         self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
+    def _features(self, x: torch.Tensor, outputs: list | None = None) -> torch.Tensor:
         for layer in self.convs:
-            x = self.pool(self.act(layer(x)))
+            x = layer(x)
+            if outputs is not None:
+                outputs.append(x)
+            x = self.pool(self.act(x))
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._features(x).flatten(1)
+    def forward(self, x: torch.Tensor, every_layer: bool = False):
+        """(batch, *input_shape) -> logits (batch, classes); with ``every_layer``, the list of every weight
+        layer's pre-activation output ((batch, channels, *spatial) for convolutions, (batch, units) after), in
+        :meth:`layer_specs` order (the last is the logits)."""
+        outputs: list = []
+        x = self._features(x, outputs).flatten(1)
         for i, layer in enumerate(self.fcs):
             x = layer(x)
+            outputs.append(x)
             if i < len(self.fcs) - 1:
                 x = self.act(x)
-        return x
+        return outputs if every_layer else x
 
     def layer_specs(self) -> list[LayerSpec]:
         kind = f"conv{self.rank}d"
@@ -193,6 +207,34 @@ def _build_poc_cnn(cfg: Mapping, input_shape, num_classes) -> nn.Module:
     build_options(PocCNNOptions, cfg, "target.")
     return CNN(input_shape=input_shape, num_classes=num_classes, channels=[32, 64], kernel_size=3,
                padding=1, pool=2, fc=[128], activation_name="relu", dims=2)
+
+
+# Keys that set only widths and depths. Tokens describe units by role, never by position in a fixed vector, so
+# a generator trained with one value of these keys can run, zero-shot, on another; any other key (the target
+# itself, activation, kernel, stride, pooling) changes what a layer computes.
+SIZE_KEYS: dict[str, tuple[str, ...]] = {"mlp": ("hidden",), "cnn": ("channels", "fc")}
+
+
+def serving_difference(trained: Mapping, requested: Mapping) -> str | None:
+    """Why a generator trained for target config ``trained`` cannot make ``requested`` networks, or None
+    (same target and every key equal but the width / depth keys of :data:`SIZE_KEYS`)."""
+    if trained.get("name") != requested.get("name"):
+        return f"it makes '{trained.get('name')}' networks, not '{requested.get('name')}'"
+    sizes = SIZE_KEYS.get(str(requested.get("name")), ())
+    for key in sorted(set(trained) | set(requested)):
+        if key != "name" and key not in sizes and trained.get(key) != requested.get(key):
+            return f"its target.{key} is {trained.get(key)!r}, not {requested.get(key)!r}"
+    return None
+
+
+def architecture_tag(config: Mapping) -> str:
+    """A folder-safe name of a config's widths and depths, e.g. ``hidden-48-48`` or ``channels-16-32_fc-none``."""
+    parts = []
+    for key in SIZE_KEYS.get(str(config.get("name")), ()):
+        value = config.get(key)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        parts.append(f"{key}-{'-'.join(str(v) for v in values) or 'none'}")
+    return "_".join(parts) or str(config.get("name"))
 
 
 TARGETS: dict[str, tuple[type, Callable[[Mapping, tuple, int], nn.Module]]] = {

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -89,6 +89,9 @@ class TokenLayout:
     log_fan_out: torch.Tensor  # (tokens,) float32
     neuron_index: torch.Tensor  # (tokens,) int64; for the inverse only, not a generator feature
     mask: torch.Tensor = field(repr=False)  # (tokens, chunk_size) bool, True on real values
+    # the target module these tokens describe (a template: its own weights are never used), for generators that run
+    # the networks they generate on learned probe inputs; None where a layout was built without one
+    network: Any = field(default=None, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -106,7 +109,7 @@ class TokenLayout:
         moved = {name: getattr(self, name).to(device) for name in
                  ("layer_index", "depth", "kind", "is_output", "chunk_index", "log_fan_in", "log_fan_out",
                   "neuron_index", "mask")}
-        return TokenLayout(self.chunk_size, self.layers, **moved)
+        return TokenLayout(self.chunk_size, self.layers, **moved, network=self.network)
 
     def state_dict_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {}
@@ -118,11 +121,12 @@ class TokenLayout:
 
 
 def build_layout(specs: Sequence[LayerSpec], state_dict: Mapping[str, torch.Tensor], chunk_size: int = 64,
-                 scales: Mapping[str, float] | None = None) -> TokenLayout:
+                 scales: Mapping[str, float] | None = None, network: Any = None) -> TokenLayout:
     """Layout for a target with ``specs`` whose tensors have the shapes in ``state_dict``.
 
     ``scales`` maps weight names to per-layer scales (rounded to powers of two); missing
-    entries use the fan-in default described in the module docstring.
+    entries use the fan-in default described in the module docstring. ``network`` is the target
+    module itself, kept for generators that probe the networks they generate.
     """
     if chunk_size <= 0:
         raise SynthNetError(f"chunk_size must be positive, got {chunk_size}")
@@ -159,7 +163,7 @@ def build_layout(specs: Sequence[LayerSpec], state_dict: Mapping[str, torch.Tens
         first += n
     floats = {"depth", "log_fan_in", "log_fan_out"}
     tensors = {k: torch.cat(v).to(torch.float32 if k in floats else torch.int64) for k, v in per_token.items()}
-    return TokenLayout(chunk_size, tuple(layers), mask=torch.cat(masks), **tensors)
+    return TokenLayout(chunk_size, tuple(layers), mask=torch.cat(masks), network=network, **tensors)
 
 
 def tokenize(state_dict: Mapping[str, torch.Tensor], layout: TokenLayout) -> torch.Tensor:
