@@ -23,7 +23,7 @@ def check_generator_matches(path: Path, loaded, target_config: dict, task_config
     it makes this kind of network (:func:`synthnet.targets.serving_difference`: the same target and options;
     widths and depths may differ). Used by generate, evaluate, GRPO and the task method. Returns whether the
     architecture is one it has not seen (zero-shot), after saying so in the log."""
-    from synthnet.targets import serving_difference
+    from synthnet.targets import in_family, serving_difference
 
     if loaded.metadata.get("finished") is False:
         raise SynthNetError(f"{path} is an unfinished training ({loaded.metadata.get('method')}, stopped at "
@@ -36,11 +36,26 @@ def check_generator_matches(path: Path, loaded, target_config: dict, task_config
     if reason is not None:
         raise SynthNetError(f"{path} cannot make these networks: {reason}; pass the target= overrides it was "
                             f"trained with (only widths and depths may differ)")
-    unseen = loaded.target_config != target_config
+    widths, depths = family_of(loaded.metadata)
+    unseen = not in_family(target_config, loaded.target_config, widths, depths)
     if unseen:
+        trained = loaded.target_config if not (widths or depths) else \
+            f"{loaded.target_config} with widths {widths or 'its own'} and depths {depths or 'its own'}"
         log.warning("zero-shot: %s was trained on target %s; making %s, an architecture it has not seen", path,
-                    loaded.target_config, target_config)
+                    trained, target_config)
     return unseen
+
+
+def family_of(metadata: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+    """The family of architectures a generator was trained over (``method.family_widths`` / ``family_depths``
+    in its header's method config); anything but lists of integers in that untrusted header reads as none."""
+    method = metadata.get("method_config")
+    method = method if isinstance(method, dict) else {}
+
+    def ints(value) -> list[int]:
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        return list(value) if ok else []
+    return ints(method.get("family_widths")), ints(method.get("family_depths"))
 
 
 def generator_path(cfg: DictConfig, override: str | None) -> Path:

@@ -48,6 +48,7 @@ def train_task_command(cfg: DictConfig) -> Path:
                                              refuse_to_replace, resume_path, save_resume_state)
     from synthnet.commands.train_imitation import ensure_imitation
     from synthnet.generation import check_layout, init_tokens, target_layout
+    from synthnet.targets import architecture_tag, family_member
     from synthnet.generators import build_generator, load_generator, save_generator
     from synthnet.methods.imitation import EMA
     from synthnet.methods.task import TaskSettings, TaskState, step_seeds, train_task, validation_metrics
@@ -72,6 +73,16 @@ def train_task_command(cfg: DictConfig) -> Path:
 
     from_scratch = bool(method.get("from_scratch"))
     start = str(method["start"])
+    widths, depths = [int(w) for w in method["family_widths"]], [int(d) for d in method["family_depths"]]
+    family = bool(widths or depths)
+    if family:
+        if not (from_scratch or start == "fresh"):
+            raise SynthNetError("method.family_widths / family_depths train from a new generator: add "
+                                "method.start=fresh (imitation over mixed architectures is not built)")
+        if cfg.generator.name == "flat_mlp":
+            raise SynthNetError("generator=flat_mlp reads one vector of fixed length and cannot train over a family "
+                                "of architectures")
+        family_member(target_config, widths, depths, 0)  # a target without families is refused here
     if from_scratch or start == "fresh":
         source, reference, generator_config, chunk_size, source_fingerprint = None, None, container(cfg.generator), \
             int(cfg.generator.get("chunk_size", 64)), None
@@ -89,7 +100,7 @@ def train_task_command(cfg: DictConfig) -> Path:
     target, cpu_layout = target_layout(target_config, task.input_shape, task.num_classes, chunk_size)
     if source is not None:
         check_layout(cpu_layout, loaded.metadata.get("num_values"), str(source))
-    target, layout = target.to(device), cpu_layout.to(device)
+    target = target.to(device)
 
     path = task_path(cfg)
     state_path = resume_path(path)
@@ -126,16 +137,50 @@ def train_task_command(cfg: DictConfig) -> Path:
                  generator_config["name"], source or "scratch", settings.steps, settings.inits_per_step,
                  settings.batch_size, settings.generation_steps, settings.anchor_weight, path)
 
-    def make_inits(step: int) -> torch.Tensor:  # (B, tokens, chunk); seeds never reused
-        seeds = step_seeds(first_seed, step, settings.inits_per_step)
-        return init_tokens(target_config, task.input_shape, task.num_classes, seeds, cpu_layout).to(device)
+    architectures: dict[str, tuple] = {}
 
-    val_inits = init_tokens(target_config, task.input_shape, task.num_classes,
-                            range(val_first_seed, val_first_seed + val_count), cpu_layout).to(device)
+    def architecture(config: dict) -> tuple:  # (target on the device, CPU layout), built once per architecture
+        tag = architecture_tag(config)
+        if tag not in architectures:
+            member_target, member_layout = target_layout(config, task.input_shape, task.num_classes, chunk_size)
+            architectures[tag] = (member_target.to(device), member_layout)
+        return architectures[tag]
+
+    def make_inits(step: int):  # (B, tokens, chunk); seeds never reused; a family adds the step's architecture
+        seeds = step_seeds(first_seed, step, settings.inits_per_step)
+        if not family:
+            return init_tokens(target_config, task.input_shape, task.num_classes, seeds, cpu_layout).to(device)
+        member = family_member(target_config, widths, depths, int(cfg.seed) * 1_000_003 + first_seed + step)
+        member_target, member_layout = architecture(member)
+        return (init_tokens(member, task.input_shape, task.num_classes, seeds, member_layout).to(device),
+                member_layout, member_target)
+
+    # validation: the target's own architecture, or for a family a few members (fixed by their seeds)
+    groups = 1 if not family else min(4, val_count)
+    val_sets = []
+    for j in range(groups):
+        seeds = range(val_first_seed + j * val_count // groups, val_first_seed + (j + 1) * val_count // groups)
+        member = target_config if not family else family_member(target_config, widths, depths, val_first_seed + j)
+        member_target, member_layout = (target, cpu_layout) if not family else architecture(member)
+        val_sets.append((architecture_tag(member), len(seeds), member_target, member_layout.to(device),
+                         init_tokens(member, task.input_shape, task.num_classes, seeds, member_layout).to(device)))
     x_val, y_val = task.x_val.to(device), task.y_val.to(device)
 
     def validate(ema_model) -> dict[str, float]:
-        return validation_metrics(ema_model, val_inits, layout, settings.generation_steps, target, x_val, y_val)
+        if not family:
+            _, _, member_target, member_layout, inits = val_sets[0]
+            return validation_metrics(ema_model, inits, member_layout, settings.generation_steps, member_target,
+                                      x_val, y_val)
+        totals, summed, per_member = {}, {}, {}
+        for tag, count, member_target, member_layout, inits in val_sets:
+            metrics = validation_metrics(ema_model, inits, member_layout, settings.generation_steps, member_target,
+                                         x_val, y_val)
+            per_member[f"val_accuracy[{tag}]"] = metrics["val_accuracy"]
+            for key, value in metrics.items():
+                if value == value:  # a one-network group has no disagreement or spread (NaN)
+                    summed[key] = summed.get(key, 0.0) + count * value
+                    totals[key] = totals.get(key, 0) + count
+        return {**{key: value / totals[key] for key, value in summed.items()}, **per_member}
 
     on_metrics, writer = metrics_log(cfg, path, state.step, "task") if main else (None, None)
 

@@ -269,6 +269,12 @@ def _method_schemas() -> dict[str, type]:
                                           low=0)),
                ("val_inits", int, option(16, "held-out inits for selection", low=1)),
                ("val_first_seed", int, option(5_000_000, "their seeds", low=0)),
+               ("family_widths", list[int], option([], "train over a family of architectures: every step draws each "
+                                                      "hidden width (mlp: target.hidden entries; cnn: "
+                                                      "target.channels) from this list; [] = no family",
+                                                      low=1, high=1 << 16, each=True)),
+               ("family_depths", list[int], option([], "... and the number of those layers from this list "
+                                                      "(needs method.start=fresh)", low=1, high=64, each=True)),
                stage],
         doc="Task loss: train the generator through the networks it generates (imitation first).")
     grpo = structured(

@@ -187,7 +187,8 @@ def train_task(state: TaskState, reference: nn.Module | None, settings: TaskSett
                on_save: Callable[[TaskState], None] | None = None, progress: bool = False) -> TaskState:
     """Train ``state.model`` from ``state.step`` until ``settings.steps`` or early stopping.
 
-    ``make_inits(step)`` returns that step's fresh init tokens (B, N, C) on the model's device;
+    ``make_inits(step)`` returns that step's fresh init tokens (B, N, C) on the model's device, or, to train
+    over a family of architectures, ``(tokens, layout, target)`` of the architecture drawn for that step;
     ``validate(ema_model)`` returns validation metrics including ``score_key`` (higher is
     better), from held-out inits on the validation split. Minibatches are drawn from a
     generator reseeded from ``(settings.seed, step)``, so a resumed run is the same run. Under
@@ -224,8 +225,15 @@ def train_task(state: TaskState, reference: nn.Module | None, settings: TaskSett
         for group, lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = lr * factor
         index = torch.randperm(len(y_train), generator=rng)[:batch].to(device)
-        result = task_step(model, reference, distributed.shard(make_inits(step)), layout, target, x_train[index], y_train[index],
-                           settings, value_weights)
+        drawn = make_inits(step)
+        if isinstance(drawn, tuple):  # a family of architectures: this step's own
+            inits, step_layout, step_target = drawn
+            step_layout = step_layout.to(device)
+            step_weights = layer_value_weights(step_layout).to(device)
+        else:
+            inits, step_layout, step_target, step_weights = drawn, layout, target, value_weights
+        result = task_step(model, reference, distributed.shard(inits), step_layout, step_target, x_train[index],
+                           y_train[index], settings, step_weights)
         if not torch.isfinite(result.loss):
             raise SynthNetError(f"task loss is not finite at step {step + 1}; lower method.lr")
         optimizer.zero_grad(set_to_none=True)

@@ -227,6 +227,43 @@ def serving_difference(trained: Mapping, requested: Mapping) -> str | None:
     return None
 
 
+# The key whose entries a family draws (one width per layer, a number of layers), per target.
+FAMILY_KEY: dict[str, str] = {"mlp": "hidden", "cnn": "channels"}
+
+
+def family_member(config: Mapping, widths: Sequence[int], depths: Sequence[int], seed: int) -> dict:
+    """One architecture of the family around ``config``, picked reproducibly by ``seed``: the number of layers
+    of its :data:`FAMILY_KEY` from ``depths`` (or its own), each layer's width from ``widths`` (or the config's
+    own first width). Every other key stays as it is."""
+    import random
+
+    name = str(config.get("name"))
+    if name not in FAMILY_KEY:
+        raise SynthNetError(f"target={name} has no architecture family (families exist for: "
+                            f"{', '.join(sorted(FAMILY_KEY))})")
+    key = FAMILY_KEY[name]
+    own = [int(v) for v in config[key]]
+    if depths and name == "cnn" and not isinstance(config.get("kernel_size"), (int, float)):
+        raise SynthNetError("a family of CNN depths needs one target.kernel_size for all layers, not a list")
+    rng = random.Random(int(seed))
+    depth = rng.choice(list(depths)) if depths else len(own)
+    member = [rng.choice(list(widths)) if widths else own[0] for _ in range(depth)]
+    return {**dict(config), key: member}
+
+
+def in_family(config: Mapping, base: Mapping, widths: Sequence[int], depths: Sequence[int]) -> bool:
+    """Whether ``config`` is ``base`` or a member of the family around it (every other key equal)."""
+    if dict(config) == dict(base):
+        return True
+    key = FAMILY_KEY.get(str(base.get("name")))
+    if key is None or not (widths or depths) or not isinstance(base.get(key), list) or not base[key] or \
+            {k: v for k, v in config.items() if k != key} != {k: v for k, v in base.items() if k != key}:
+        return False
+    values = list(config.get(key) or [])
+    return (len(values) in depths if depths else len(values) == len(base[key])) and \
+        all(v in (widths if widths else [base[key][0]]) for v in values)
+
+
 def architecture_tag(config: Mapping) -> str:
     """A folder-safe name of a config's widths and depths, e.g. ``hidden-48-48`` or ``channels-16-32_fc-none``."""
     parts = []
