@@ -1,0 +1,129 @@
+"""Architecture families: one generator trained over many widths and depths, beside a generator trained on one
+architecture with the same budget and beside SGD twins of every architecture, seen and unseen, in one table.
+
+    python bench/families.py --setting digits-mlp [--steps 1500] [--count 16] [--root runs/families]
+
+Trains, through the CLI (``synthnet train method=task method.start=fresh``), a *family* generator
+(``method.family_widths`` / ``method.family_depths`` of the setting) and a *single* generator on the setting's
+own architecture, with the same steps and every other setting equal. Then, for each architecture of the
+setting's list (its own, members of the family, a width inside the family's range but not in it, one outside it,
+and a depth outside it), it generates ``--count`` networks from evaluation inits (seeds 2,000,000 on, never used
+in training) with both generators, trains SGD twins from the same inits with the zoo's recipe (``zoo.*`` of the
+setting) and prints, per architecture: seen or unseen by the family generator, test accuracy of its networks,
+of the single generator's and of the twins, the ratio to the twins and the diversity ratio (mean pairwise
+disagreement of test predictions, generated / twins). Selection inside training reads the validation split; the
+test split only feeds this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "digits-mlp": {
+        "overrides": ["target=mlp", "task=digits"],
+        "widths": [16, 24, 32, 48, 64], "depths": [1, 2],
+        "architectures": [[32], [48], [32, 32], [40], [96], [40, 40, 40], [32, 32, 32]],
+    },
+    "mnist1d-mlp": {
+        "overrides": ["experiment=mnist1d_mlp"],
+        "widths": [64, 100, 128], "depths": [1, 2],
+        "architectures": [[100, 100], [64], [80, 80], [160, 160], [100, 100, 100]],
+    },
+}
+
+
+def run(argv: list[str]) -> None:
+    from synthnet.cli import main
+
+    print("+ synthnet " + " ".join(argv), flush=True)
+    if main(argv) != 0:
+        raise SystemExit(f"families: `synthnet {' '.join(argv)}` failed")
+
+
+def main_bench(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", default="digits-mlp", choices=sorted(SETTINGS))
+    parser.add_argument("--root", default=Path("runs/families"), type=Path)
+    parser.add_argument("--steps", type=int, default=1500, help="task-loss steps of each generator")
+    parser.add_argument("--count", type=int, default=16, help="networks (and twins) per architecture")
+    parser.add_argument("--output", type=Path, default=None, help="also write the table and raw rows (JSON) here")
+    args = parser.parse_args(argv)
+
+    from synthnet.config import compose, container
+    from synthnet.evaluation.metrics import disagreement, mean_off_diagonal
+    from synthnet.evaluation.scoring import predictions
+    from synthnet.evaluation.twins import train_twins
+    from synthnet.generation import generate_networks, target_layout
+    from synthnet.generators import load_generator
+    from synthnet.targets import in_family, init_state_dict
+    from synthnet.tasks import build_task
+    from synthnet.zoo.training import Recipe
+
+    setting = SETTINGS[args.setting]
+    family = [f"method.family_widths=[{','.join(map(str, setting['widths']))}]",
+              f"method.family_depths=[{','.join(map(str, setting['depths']))}]"]
+    common = [*setting["overrides"], f"paths.root={args.root / args.setting}", "progress=false", "seed=0",
+              "method=task", "method.start=fresh", "method.anchor_weight=0.01", f"method.steps={args.steps}"]
+    files, seconds = {}, {}
+    for name, extra in (("family", family), ("single", [])):
+        path = args.root / args.setting / f"{name}.safetensors"
+        start = time.process_time()
+        run(["train", *common, *extra, f"train.output={path}"])
+        files[name], seconds[name] = path, time.process_time() - start
+
+    cfg = compose(setting["overrides"])
+    base, task_config = container(cfg.target), container(cfg.task)
+    task = build_task(task_config, cfg.paths.data_dir)
+    recipe = Recipe(**{key: cfg.zoo[key] for key in ("epochs", "batch_size", "optimizer", "lr", "momentum",
+                                                     "weight_decay")})
+    loaded = {name: load_generator(path) for name, path in files.items()}
+    seeds = list(range(2_000_000, 2_000_000 + args.count))
+    steps = int(cfg.generate.steps)
+    rows = []
+    for hidden in setting["architectures"]:
+        config = {**base, "hidden": list(hidden)}
+        template, layout = target_layout(config, task.input_shape, task.num_classes, loaded["family"].chunk_size)
+        row = {"architecture": "-".join(map(str, [template.layers[0].in_features, *hidden, task.num_classes])),
+               "seen": in_family(config, base, setting["widths"], setting["depths"])}
+        guesses = {}
+        for name, generator in loaded.items():
+            final = generate_networks(generator.model, layout, config, task.input_shape, task.num_classes, seeds,
+                                      steps).state_dicts[-1]
+            guesses[name] = predictions(template, final, task.x_test)
+            row[f"{name}_accuracy"] = float((guesses[name] == task.y_test).double().mean())
+        inits = [init_state_dict(config, task.input_shape, task.num_classes, s) for s in seeds]
+        twins = train_twins(template, inits, seeds, task, recipe, keep_steps=[])
+        guesses["twins"] = predictions(template, twins.final, task.x_test)
+        row["twin_accuracy"] = float((guesses["twins"] == task.y_test).double().mean())
+        spread = {name: mean_off_diagonal(disagreement(g, g)) for name, g in guesses.items()}
+        row["ratio"] = row["family_accuracy"] / row["twin_accuracy"]
+        row["single_ratio"] = row["single_accuracy"] / row["twin_accuracy"]
+        row["diversity_ratio"] = spread["family"] / spread["twins"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    lines = [f"{args.setting}: family widths {setting['widths']} x depths {setting['depths']} vs one architecture "
+             f"{base['hidden']}, {args.steps} task-loss steps each (fresh start); {args.count} evaluation inits, "
+             f"{steps} generation steps; test split", "",
+             "| architecture | family generator | generated acc (family) | generated acc (single) | SGD twins | "
+             "ratio (family) | ratio (single) | diversity ratio (family) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['architecture']} | {'seen' if r['seen'] else 'unseen'} | {r['family_accuracy']:.3f} | "
+                     f"{r['single_accuracy']:.3f} | {r['twin_accuracy']:.3f} | {r['ratio']:.3f} | "
+                     f"{r['single_ratio']:.3f} | {r['diversity_ratio']:.3f} |")
+    lines += ["", f"training CPU seconds: family {seconds['family']:.0f}, single {seconds['single']:.0f}"]
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.output:
+        from synthnet.storage import atomic_write_bytes
+        atomic_write_bytes(args.output, json.dumps({"table": text, "rows": rows, "steps": args.steps},
+                                                   indent=1).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_bench())
