@@ -10,6 +10,9 @@ the task's **training** split; selection and early stopping use networks generat
 collapses into one network for every init (the evaluation flags it). ``method.start=fresh`` starts
 from a fresh generator and anchors to it: its output is its input, so that anchor ties each
 output to its own init (for targets whose imitation generator is too poor to start from).
+``method.family_widths`` / ``method.family_depths`` (with ``method.start=fresh``) train over a family of
+architectures: each step draws its own member (:func:`synthnet.targets.family_member`), and validation
+averages over four members.
 
 Writes ``train.output`` or ``<generator>-task.safetensors`` (``-task-scratch`` for the
 ablation) once, at the end, with ``finished: true`` and the selected step in its header;
