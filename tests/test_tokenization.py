@@ -22,12 +22,13 @@ def test_every_target_has_a_case():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("chunk_size", [7, 64])
-def test_round_trip_is_exact(name, chunk_size):
+@pytest.mark.parametrize("bias_chunk", [False, True])
+def test_round_trip_is_exact(name, chunk_size, bias_chunk):
     config, input_shape, classes = CASES[name]
     torch.manual_seed(0)
     model = build_target(config, input_shape, classes)
     state = {k: v.detach() * 3.7 + 0.01 for k, v in model.state_dict().items()}  # not a power-of-two scale
-    layout = build_layout(model.layer_specs(), state, chunk_size)
+    layout = build_layout(model.layer_specs(), state, chunk_size, bias_chunk=bias_chunk)
     tokens = tokenize(state, layout)
     assert tokens.shape == (layout.num_tokens, chunk_size)
     assert layout.num_values == sum(v.numel() for v in state.values())
@@ -72,3 +73,32 @@ def test_hidden_permutation_moves_rows_of_layer_l_and_values_inside_layer_l_plus
     readout = slice(layout.layers[1].first_token, layout.num_tokens)
     assert not torch.equal(permuted[readout], tokens[readout])  # same tokens, values moved inside
     assert torch.equal(permuted[readout][:, :8], tokens[readout][:, :8][:, perms[0]])
+
+
+def test_a_bias_chunk_keeps_the_bias_slot_when_the_fan_in_changes():
+    """Packed rows put the bias right after the weights, so a layer whose fan-in changes by one unit moves its
+    bias to another position of its last chunk (what broke width transfer on MNIST-1D: README, Limits). With
+    ``bias_chunk`` the bias is always the first value of its row's last token, alone there."""
+    def layouts(first_width, bias_chunk):
+        model = build_target({"name": "mlp", "hidden": [first_width, 100]}, (1, 40), 10)
+        layout = build_layout(model.layer_specs(), model.state_dict(), 64, bias_chunk=bias_chunk)
+        return model, layout
+
+    for bias_chunk in (False, True):
+        slots = set()
+        for width in (96, 99, 100, 101):
+            model, layout = layouts(width, bias_chunk)
+            hidden = layout.layers[1]  # the hidden-to-hidden layer: fan-in = the first width
+            last = hidden.first_token + hidden.chunks_per_row - 1  # unit 0's last token
+            state = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+            state["layers.1.bias"] = torch.ones(100)
+            tokens = tokenize(state, layout)
+            slots.add(int(tokens[last].nonzero()[0, 0]))
+            if bias_chunk:
+                assert int(layout.mask[last].sum()) == 1
+            permuted = permute_hidden(model.state_dict(), model.layer_specs(),
+                                      random_permutations(model.layer_specs(), model.state_dict(),
+                                                          torch.Generator().manual_seed(width)))
+            back = detokenize(tokenize(permuted, layout), layout)
+            assert all(torch.equal(back[k], permuted[k]) for k in permuted)
+        assert (slots == {0}) if bias_chunk else (len(slots) == 4)

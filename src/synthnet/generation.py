@@ -20,10 +20,12 @@ from synthnet.tokenization import TokenLayout, build_layout, detokenize, tokeniz
 
 
 def target_layout(target_config: Mapping, input_shape: Sequence[int], num_classes: int,
-                  chunk_size: int) -> tuple[nn.Module, TokenLayout]:
-    """The target model (a template) and its token layout for ``chunk_size`` (which holds the model)."""
+                  chunk_size: int, bias_chunk: bool = False) -> tuple[nn.Module, TokenLayout]:
+    """The target model (a template) and its token layout for ``chunk_size`` (which holds the model);
+    ``bias_chunk``: see :func:`synthnet.tokenization.build_layout`."""
     model = build_target(target_config, input_shape, num_classes)
-    return model, build_layout(model.layer_specs(), model.state_dict(), chunk_size, network=model)
+    return model, build_layout(model.layer_specs(), model.state_dict(), chunk_size, network=model,
+                               bias_chunk=bias_chunk)
 
 
 def check_layout(layout: TokenLayout, num_values: int | None, what: str) -> None:

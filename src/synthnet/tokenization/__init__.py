@@ -61,6 +61,11 @@ class LayerLayout:
     chunks_per_row: int
     scale: float  # power of two
     first_token: int
+    bias_slot: int = -1  # where the bias sits in the flattened row: right after the weights, or a chunk's start
+
+    @property
+    def fan_in(self) -> int:
+        return self.row_length - (1 if self.bias is not None else 0)
 
     @property
     def out_units(self) -> int:
@@ -121,12 +126,15 @@ class TokenLayout:
 
 
 def build_layout(specs: Sequence[LayerSpec], state_dict: Mapping[str, torch.Tensor], chunk_size: int = 64,
-                 scales: Mapping[str, float] | None = None, network: Any = None) -> TokenLayout:
+                 scales: Mapping[str, float] | None = None, network: Any = None,
+                 bias_chunk: bool = False) -> TokenLayout:
     """Layout for a target with ``specs`` whose tensors have the shapes in ``state_dict``.
 
     ``scales`` maps weight names to per-layer scales (rounded to powers of two); missing
     entries use the fan-in default described in the module docstring. ``network`` is the target
-    module itself, kept for generators that probe the networks they generate.
+    module itself, kept for generators that probe the networks they generate. ``bias_chunk`` puts each
+    bias at the start of a chunk of its own instead of right after the weights, so its slot does not move
+    when the fan-in changes (not the default yet: every stored generator was trained on the packed rows).
     """
     if chunk_size <= 0:
         raise SynthNetError(f"chunk_size must be positive, got {chunk_size}")
@@ -144,9 +152,11 @@ def build_layout(specs: Sequence[LayerSpec], state_dict: Mapping[str, torch.Tens
         shape = tuple(int(s) for s in state_dict[spec.weight].shape)
         fan_in = int(math.prod(shape[1:]))
         row = fan_in + (1 if spec.bias else 0)
-        chunks = math.ceil(row / chunk_size)
+        own = bool(bias_chunk and spec.bias)
+        chunks = math.ceil(fan_in / chunk_size) + 1 if own else math.ceil(row / chunk_size)
         scale = power_of_two(float(scales[spec.weight]) if scales and spec.weight in scales else 1 / math.sqrt(fan_in))
-        layer = LayerLayout(spec.weight, spec.bias, spec.kind, shape, row, chunks, scale, first)
+        slot = (chunks - 1) * chunk_size if own else fan_in
+        layer = LayerLayout(spec.weight, spec.bias, spec.kind, shape, row, chunks, scale, first, slot)
         layers.append(layer)
         n = layer.num_tokens
         per_token["layer_index"].append(torch.full((n,), index))
@@ -158,7 +168,9 @@ def build_layout(specs: Sequence[LayerSpec], state_dict: Mapping[str, torch.Tens
         per_token["log_fan_out"].append(torch.full((n,), math.log(shape[0])))
         per_token["neuron_index"].append(torch.arange(shape[0]).repeat_interleave(chunks))
         valid = torch.zeros(shape[0], chunks * chunk_size, dtype=torch.bool)
-        valid[:, :row] = True
+        valid[:, :fan_in] = True
+        if spec.bias:
+            valid[:, slot] = True
         masks.append(valid.reshape(n, chunk_size))
         first += n
     floats = {"depth", "log_fan_in", "log_fan_out"}
@@ -178,8 +190,10 @@ def tokenize(state_dict: Mapping[str, torch.Tensor], layout: TokenLayout) -> tor
                                 f"the layout expects {layer.weight_shape}")
         row = weight.reshape(*batch_shape, layer.out_units, -1)
         if layer.bias is not None:
+            gap = layer.bias_slot - layer.fan_in  # 0 when the bias follows the weights
+            row = torch.nn.functional.pad(row, (0, gap))
             row = torch.cat([row, state_dict[layer.bias].reshape(*batch_shape, layer.out_units, 1)], dim=-1)
-        pad = layer.chunks_per_row * layout.chunk_size - layer.row_length
+        pad = layer.chunks_per_row * layout.chunk_size - row.shape[-1]
         row = torch.nn.functional.pad(row / layer.scale, (0, pad))
         pieces.append(row.reshape(*batch_shape, layer.num_tokens, layout.chunk_size))
     return torch.cat(pieces, dim=-2)
@@ -194,11 +208,10 @@ def detokenize(tokens: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Ten
     out = {}
     for layer in layout.layers:
         block = tokens[..., layer.first_token:layer.first_token + layer.num_tokens, :]
-        rows = block.reshape(*batch_shape, layer.out_units, -1)[..., :layer.row_length] * layer.scale
-        fan_in = layer.row_length - (1 if layer.bias is not None else 0)
-        out[layer.weight] = rows[..., :fan_in].reshape(*batch_shape, *layer.weight_shape).contiguous()
+        rows = block.reshape(*batch_shape, layer.out_units, -1) * layer.scale
+        out[layer.weight] = rows[..., :layer.fan_in].reshape(*batch_shape, *layer.weight_shape).contiguous()
         if layer.bias is not None:
-            out[layer.bias] = rows[..., fan_in].contiguous()
+            out[layer.bias] = rows[..., layer.bias_slot].contiguous()
     return out
 
 
