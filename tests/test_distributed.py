@@ -128,3 +128,19 @@ def test_each_rank_takes_its_own_share_and_gradients_are_averaged(tmp_path):
     results = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in range(2)]
     assert results[0]["rows"] == [0, 2, 4, 6] and results[1]["rows"] == [1, 3, 5, 7]
     assert all(r["grad"] == [[1.5, 1.5]] and r["mean"] == 0.5 and r["broadcast"] == 7.0 for r in results)
+
+
+def test_local_device_gives_each_process_its_own_accelerator(monkeypatch):
+    """Under torchrun an accelerator named without an index becomes LOCAL_RANK's own when there are several;
+    an explicit index, a single device or the CPU are left as named."""
+    from unittest import mock
+
+    from synthnet.distributed import local_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_device("cpu") == torch.device("cpu")
+    with mock.patch("torch.cuda.device_count", return_value=2):
+        assert local_device("cuda") == torch.device("cuda", 1)
+        assert local_device("cuda:0") == torch.device("cuda", 0)
+    with mock.patch("torch.cuda.device_count", return_value=1):
+        assert local_device("cuda") == torch.device("cuda")

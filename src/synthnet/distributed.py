@@ -35,10 +35,13 @@ def setup(device: str = "cpu") -> tuple[int, int]:
 
 
 def local_device(device: str) -> torch.device:
-    """``device``, with CUDA placed on this process's GPU (``LOCAL_RANK``) under torchrun."""
+    """``device``; under torchrun an accelerator named without an index (``cuda``, ``xpu``, ...) becomes this
+    process's own one (``LOCAL_RANK``) when the machine has several of that kind."""
     chosen = torch.device(device)
-    if chosen.type == "cuda" and "LOCAL_RANK" in os.environ and chosen.index is None:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    backend = getattr(torch, chosen.type, None)  # torch.cuda, torch.xpu, ...: whatever the user named
+    several = hasattr(backend, "device_count") and chosen.type != "cpu" and backend.device_count() > 1
+    if several and chosen.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device(chosen.type, int(os.environ["LOCAL_RANK"]))
     return chosen
 
 

@@ -27,10 +27,12 @@ def unstack_state_dict(stacked: Mapping[str, torch.Tensor]) -> list[dict[str, to
 
 
 def batched_forward(model: nn.Module, stacked: Mapping[str, torch.Tensor], inputs: torch.Tensor,
-                    shared_inputs: bool = True) -> torch.Tensor:
-    """Logits of R networks: inputs (N, *input) shared, or (R, N, *input) -> (R, N, classes)."""
+                    shared_inputs: bool = True, **forward_options):
+    """Logits of R networks: inputs (N, *input) shared, or (R, N, *input) -> (R, N, classes).
+    ``forward_options`` go to the model's forward (``every_layer=True``: every weight layer's output, each
+    with the leading R)."""
     def single(params, x):
-        return functional_call(model, params, (x,))
+        return functional_call(model, params, (x,), forward_options)
     return vmap(single, in_dims=(0, None if shared_inputs else 0))(dict(stacked), inputs)
 
 

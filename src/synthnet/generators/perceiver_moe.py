@@ -195,10 +195,9 @@ def _connection(layout: TokenLayout, index: int) -> int | None:
     if index == 0:
         return None
     layer, previous = layout.layers[index], layout.layers[index - 1]
-    fan_in = layer.row_length - (1 if layer.bias is not None else 0)
-    if fan_in % previous.out_units:
+    if layer.fan_in % previous.out_units:
         return None
-    return fan_in // previous.out_units
+    return layer.fan_in // previous.out_units
 
 
 class PerceiverMoEGenerator(nn.Module):
@@ -300,7 +299,7 @@ class PerceiverMoEGenerator(nn.Module):
         what it computes, which its incoming weights alone cannot give beyond the first layer. Normalised per
         network and layer (the log of the scale is one more feature). A hidden permutation permutes the
         responses with the neurons, so the features follow the symmetry exactly."""
-        from torch.func import functional_call, vmap
+        from synthnet.evaluation.scoring import batched_forward
 
         network = layout.network
         if network is None or not hasattr(network, "input_shape"):
@@ -311,12 +310,8 @@ class PerceiverMoEGenerator(nn.Module):
             raise SynthNetError(f"the target's input has {numel} values; this generator's probes hold "
                                 f"{self.probe_values} (generator.probe_values)")
         probes = self.probe_inputs[:, :numel].reshape(self.probes, *network.input_shape)
-        params = detokenize(tokens, layout)
-
-        def responses(weights):
-            return functional_call(network, weights, (probes,), {"every_layer": True})
-
-        outputs = vmap(responses)(params)  # per layer (B, P, units, *positions)
+        outputs = batched_forward(network, detokenize(tokens, layout), probes, every_layer=True)  # per layer
+        # (B, P, units, *positions)
         pieces = []
         for layer, out in zip(layout.layers, outputs):
             out = out.flatten(3) if out.dim() > 3 else out[..., None]  # (B, P, U, S)
