@@ -1,5 +1,5 @@
-"""GRPO: advantages, clipped objective, exact KL, a toy reward with a known optimum, pruning
-rewards and one real iteration through the CLI on a tiny digits zoo."""
+"""GRPO and evolution strategies: advantages, clipped objective, exact KL, centred ranks, a toy reward
+with a known optimum for both, pruning rewards and real iterations through the CLI on a tiny digits zoo."""
 
 from __future__ import annotations
 
@@ -265,10 +265,11 @@ def test_rewards_on_tokens_roundtrip(digits_task):
     assert value.shape == (1,) and reward.evaluations == 1
 
 
-def _grpo_config(root, *overrides):
+def _grpo_config(root, *overrides, algorithm="grpo"):
     from synthnet.cli import compose
 
-    return compose([f"paths.root={root}", "target.hidden=[16]", "method=grpo", "generator=perceiver_moe",
+    return compose([f"paths.root={root}", "target.hidden=[16]", "method=grpo", f"method.algorithm={algorithm}",
+                    "generator=perceiver_moe",
                     "++generator.d_model=32", "++generator.num_latents=8", "++generator.num_blocks=1",
                     "++generator.time_dim=16", "++generator.message_rank=8", "method.inits_per_iteration=2",
                     "method.group_size=3", "generate.steps=2", "method.save_every=1", "progress=false",
@@ -425,3 +426,76 @@ def test_grpo_with_other_settings_is_refused_not_continued(tmp_path):
     again = train_grpo(_grpo_config(tmp_path, "method.iterations=1", "method.lr=0.5", "train.overwrite=true"))
     assert again == grpo_path(cfg) and read_metadata(again)["method_config"]["lr"] == 0.5
     assert read_metadata(again)["grpo_iteration"] == 1  # started over
+
+
+# --------------------------------------------------------------------------- evolution strategies
+
+
+def test_centered_ranks_are_scaled_ranks_and_ties_share_them():
+    from synthnet.methods.es import centered_ranks
+
+    u = centered_ranks(torch.tensor([3.0, 1.0, 2.0, 2.0], dtype=torch.float64))
+    assert u.tolist() == [0.5, -0.5, 0.0, 0.0]  # ranks 3, 0, (1 + 2) / 2 twice, over n - 1 = 3, minus 0.5
+    assert centered_ranks(torch.tensor([5.0, 5.0])).tolist() == [0.0, 0.0]
+    v = centered_ranks(torch.randn(9, generator=torch.Generator().manual_seed(0)))
+    assert v.min() == -0.5 and v.max() == 0.5 and abs(float(v.sum())) < 1e-6
+
+
+def _es_toy(toy_layout, reward_of, iterations: int):
+    from synthnet.methods import es
+
+    torch.manual_seed(0)
+    tokens, chunk = toy_layout.num_tokens, toy_layout.chunk_size
+    policy = ShiftDenoiser(tokens, chunk)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=0.05)
+    settings = es.ESSettings(inits_per_iteration=2, population=8, sigma=0.05, steps=2)
+    history = es.train(policy, optimizer, layout=toy_layout, make_inits=lambda i: torch.zeros(2, tokens, chunk),
+                       reward_fn=reward_of, settings=settings, iterations=iterations, progress=False)
+    return policy, history
+
+
+def test_es_moves_deterministic_output_toward_known_optimum(toy_layout):
+    mask = toy_layout.mask.float()
+    target = torch.randn(toy_layout.num_tokens, toy_layout.chunk_size, generator=torch.Generator().manual_seed(1)) * mask
+
+    def reward_fn(final):
+        return -(((final - target) * mask) ** 2).sum((1, 2))
+
+    before = float((target * mask).norm())  # the zero-shift policy outputs its zero init
+    policy, history = _es_toy(toy_layout, reward_fn, 40)
+    with torch.no_grad():
+        out = sample(policy, torch.zeros(1, *target.shape), toy_layout, 2).final[0]
+    assert float(((out - target) * mask).norm()) < 0.5 * before
+    assert history[-1]["reward_mean"] > history[0]["reward_mean"]
+    assert history[0]["evaluations"] == 2 * 8 * 2 and history[0]["tie_fraction"] == 0.0
+
+
+def test_es_with_a_constant_reward_leaves_the_generator_unchanged(toy_layout):
+    policy, history = _es_toy(toy_layout, lambda final: torch.ones(final.shape[0]), 3)
+    assert torch.equal(policy.shift, torch.zeros_like(policy.shift))  # every pair tied: no direction is preferred
+    assert all(h["tie_fraction"] == 1.0 and h["gradient_norm"] == 0.0 for h in history)
+
+
+def test_es_command_resumes_exactly_and_records_its_algorithm(tmp_path):
+    from synthnet.commands.artifacts import read_records
+    from synthnet.commands.train_grpo import train_grpo
+    from synthnet.storage import load_state_dict, read_metadata
+
+    straight = _grpo_config(tmp_path / "a", "method.iterations=2", "method.population=2", algorithm="es")
+    _write_imitation_stand_in(straight)
+    path = train_grpo(straight)
+    header = read_metadata(path)
+    assert header["algorithm"] == "es" and header["grpo_iteration"] == 2
+    assert header["grpo_settings"]["population"] == 2 and "group_size" not in header["grpo_settings"]
+    records = read_records(path.with_name("perceiver_moe-grpo.metrics.jsonl"))
+    assert [r["evaluations"] for r in records] == [2 * 2 * 2] * 2  # 2 pairs x 2 candidates x B = 2 inits
+    start, _ = load_state_dict(path.with_name("perceiver_moe-imitation.safetensors"))
+    a, _ = load_state_dict(path)
+    assert any(not torch.equal(start[k], a[k]) for k in a)
+
+    first = _grpo_config(tmp_path / "b", "method.iterations=1", "method.population=2", algorithm="es")
+    _write_imitation_stand_in(first)
+    train_grpo(first)
+    resumed = train_grpo(_grpo_config(tmp_path / "b", "method.iterations=2", "method.population=2", algorithm="es"))
+    b, _ = load_state_dict(resumed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

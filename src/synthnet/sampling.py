@@ -53,13 +53,14 @@ def time_grid(steps: int, start: float = 0.0, end: float = 1.0) -> torch.Tensor:
 
 
 def noise_scales(noise_scale: float | Sequence[float], steps: int) -> list[float]:
-    """One standard deviation per step from a scalar or a per-step list."""
+    """One standard deviation per step from a scalar (every step) or a list (the first steps; the steps
+    after the list are deterministic, so ``[0.1]`` puts noise on the first step only)."""
     if isinstance(noise_scale, (int, float)):
         return [float(noise_scale)] * steps
     scales = [float(s) for s in noise_scale]
-    if len(scales) != steps:
-        raise ValueError(f"need {steps} per-step noise scales, got {len(scales)}")
-    return scales
+    if not scales or len(scales) > steps:
+        raise ValueError(f"need 1 to {steps} per-step noise scales, got {len(scales)}")
+    return scales + [0.0] * (steps - len(scales))
 
 
 def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: float, mask: torch.Tensor,

@@ -238,6 +238,7 @@ class SynthNetConfig:
 
 
 def _method_schemas() -> dict[str, type]:
+    from synthnet.methods.es import ESSettings
     from synthnet.methods.grpo import GRPOSettings
     from synthnet.methods.imitation import ImitationSettings
     from synthnet.methods.task import TaskSettings
@@ -277,6 +278,7 @@ def _method_schemas() -> dict[str, type]:
                                                       "(needs method.start=fresh)", low=1, high=64, each=True)),
                stage],
         doc="Task loss: train the generator through the networks it generates (imitation first).")
+    es_hints = typing.get_type_hints(ESSettings)
     grpo = structured(
         "GRPOMethod", "grpo", GRPOSettings, drop=("steps",),
         before=curriculum + [
@@ -284,16 +286,23 @@ def _method_schemas() -> dict[str, type]:
                                        low=1)),
             ("generation_steps", Optional[int], option(None, "generation steps of the policy; null = "
                                                              "generate.steps", low=1))],
-        replace={"noise_scale": ("noise_scale", Any, option(0.05, "sigma of each stochastic step, in token units; "
-                                                                  "a list gives one per step", low=0, each=True))},
-        after=[("lr", float, option(1e-4, "Adam learning rate for the policy", low=0, high=10, low_open=True)),
+        replace={"noise_scale": ("noise_scale", Any, option(
+            [0.1], "algorithm=grpo: sigma of the stochastic steps, in token units; a number for every step, a list "
+                   "for the first steps (the rest deterministic)", low=0, each=True))},
+        after=[("lr", Optional[float], option(None, "Adam learning rate for the policy; null = 1e-4 (grpo) or 1e-3 "
+                                                    "(es)", low=0, high=10, low_open=True)),
                ("weight_decay", float, option(0.0, "Adam weight decay", low=0, high=1)),
                ("first_seed", int, option(3_000_000, "init seeds: first_seed + iteration * B + i", low=0)),
                ("log_every", int, option(1, "one log line every N iterations", low=1)),
                ("save_every", int, option(10, "write the resumable state every N iterations", low=1)),
                ("scoring", str, option("batched", "batched (vmap over candidates) | loop; bench/grpo.py measures "
                                                   "both", choices=("batched", "loop"))),
-               stage],
+               ("algorithm", str, option("es", "grpo: policy gradient over Gaussian noise on the sampled weights "
+                                                 "(method.noise_scale) | es: evolution strategies on the generator's "
+                                                 "parameters, every candidate deterministic as generate makes it "
+                                                 "(method.population, method.sigma)", choices=("grpo", "es")))]
+              + [_copy(f, es_hints[f.name]) for f in dataclasses.fields(ESSettings) if f.name in ("population", "sigma")]
+              + [stage],
         doc="GRPO: reinforcement learning of an imitation-trained generator on a reward (configs: reward=).")
     return {"imitation": imitation, "task": task, "grpo": grpo}
 

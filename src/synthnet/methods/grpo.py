@@ -53,7 +53,9 @@ class GRPOSettings:
     group_size: int = option(8, "G stochastic candidates per init (advantages compare within a group)", low=2)
     steps: int = option(4, "generation steps from t = 0 to t = 1", low=1)
     noise_scale: float | tuple[float, ...] = option(
-        0.05, "sigma of each stochastic step, in token units; a list gives one per step", low=0, each=True)
+        (0.1,), "sigma of the stochastic steps, in token units: a number for every step, a list for the first "
+                "steps (the rest deterministic; bench/exploration.py: noise on the first step only beat every step)",
+        low=0, each=True)
     clip_epsilon: float = option(0.2, "PPO clip range of the per-step importance ratio (log-probs are means "
                                       "over dims)", low=0, high=1, low_open=True, high_open=True)
     inner_epochs: int = option(2, "passes over each iteration's stored rollouts", low=1)
