@@ -84,7 +84,8 @@ def held_out(cfg, setting: str, generators: dict[str, Path], count: int) -> dict
     model = specs = None
     for label, path in generators.items():
         generator = load_generator(path)
-        model, layout = target_layout(target, task.input_shape, task.num_classes, generator.chunk_size)
+        model, layout = target_layout(target, task.input_shape, task.num_classes, generator.chunk_size,
+                                      generator.bias_chunk)
         specs = model.layer_specs()
         networks = generate_networks(generator.model, layout, target, task.input_shape, task.num_classes, seeds,
                                      int(cfg.generate.steps)).state_dicts

@@ -52,6 +52,8 @@ def main_bench(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1500, help="task-loss steps of each generator")
     parser.add_argument("--count", type=int, default=16, help="networks (and twins) per architecture")
     parser.add_argument("--output", type=Path, default=None, help="also write the table and raw rows (JSON) here")
+    parser.add_argument("--override", nargs="*", default=[], help="extra key=value overrides of both trainings "
+                                                                  "(e.g. generator.bias_chunk=true)")
     args = parser.parse_args(argv)
 
     from synthnet.config import compose, container
@@ -68,7 +70,8 @@ def main_bench(argv: list[str] | None = None) -> int:
     family = [f"method.family_widths=[{','.join(map(str, setting['widths']))}]",
               f"method.family_depths=[{','.join(map(str, setting['depths']))}]"]
     common = [*setting["overrides"], f"paths.root={args.root / args.setting}", "progress=false", "seed=0",
-              "method=task", "method.start=fresh", "method.anchor_weight=0.01", f"method.steps={args.steps}"]
+              "method=task", "method.start=fresh", "method.anchor_weight=0.01", f"method.steps={args.steps}",
+              *args.override]
     files, seconds = {}, {}
     for name, extra in (("family", family), ("single", [])):
         path = args.root / args.setting / f"{name}.safetensors"
@@ -87,11 +90,13 @@ def main_bench(argv: list[str] | None = None) -> int:
     rows = []
     for hidden in setting["architectures"]:
         config = {**base, "hidden": list(hidden)}
-        template, layout = target_layout(config, task.input_shape, task.num_classes, loaded["family"].chunk_size)
+        template, _ = target_layout(config, task.input_shape, task.num_classes, 1)
         row = {"architecture": "-".join(map(str, [template.layers[0].in_features, *hidden, task.num_classes])),
                "seen": in_family(config, base, setting["widths"], setting["depths"])}
         guesses = {}
         for name, generator in loaded.items():
+            _, layout = target_layout(config, task.input_shape, task.num_classes, generator.chunk_size,
+                                      generator.bias_chunk)
             final = generate_networks(generator.model, layout, config, task.input_shape, task.num_classes, seeds,
                                       steps).state_dicts[-1]
             guesses[name] = predictions(template, final, task.x_test)

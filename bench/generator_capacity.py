@@ -73,7 +73,8 @@ def measure(cfg_overrides: list[str], generator_file: Path, count: int) -> dict[
     cfg = compose(cfg_overrides)
     loaded = load_generator(generator_file)
     task = build_task(container(cfg.task), cfg.paths.data_dir)
-    target, layout = target_layout(container(cfg.target), task.input_shape, task.num_classes, loaded.chunk_size)
+    target, layout = target_layout(container(cfg.target), task.input_shape, task.num_classes, loaded.chunk_size,
+                                  loaded.bias_chunk)
     first = int(cfg.method.val_first_seed)
     inits = init_tokens(container(cfg.target), task.input_shape, task.num_classes, range(first, first + count), layout)
     steps = int(cfg.generate.steps)

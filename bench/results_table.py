@@ -22,6 +22,13 @@ from pathlib import Path
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
+# --grpo tunes the task generator once per reward (method=grpo's default algorithm, evolution strategies)
+GRPO_REWARDS = {
+    "val_accuracy": [],
+    "pruned_val_accuracy": ["reward=pruned_val_accuracy", "reward.prune_fraction=0.9"],
+    "quantized_val_accuracy": ["reward=quantized_val_accuracy", "reward.bits=4"],
+}
+
 # (label, folder under the root, overrides for every stage, extra overrides of the training stages:
 # {"imitation": [...], "task": [...], "scratch": [...]}). Zoo sizes are what a 2-core CPU affords:
 # digits needs ~1,000 runs for imitation to generalise (bench/generator_quality.py); the MNIST-1D
@@ -77,11 +84,16 @@ def pipeline(root: Path, folder: str, overrides: list[str], stage_overrides: dic
     task_overrides = stage_overrides.get("task", []) + [f"method.imitation.{o.removeprefix('method.')}"
                                                          for o in imitation_overrides]
     timed(times, "zoo", ["zoo", *overrides, *common, *([f"zoo.runs={args.runs}"] if args.runs else [])])
+    if args.grpo_only:
+        args = argparse.Namespace(**{**vars(args), "generators": [], "no_task": True, "scratch": False,
+                                     "grpo": True})
+        stage_overrides = {**stage_overrides, "task": [o for o in stage_overrides.get("task", [])
+                                                       if o == "method.start=fresh"]}
     if not args.skip_train:
         for generator in args.generators:
             timed(times, f"{generator} imitation", ["train", *overrides, *common, f"generator={generator}",
                                                     "method=imitation", *imitation_overrides])
-        first = args.generators[0]
+        first = args.generators[0] if args.generators else "perceiver_moe"
         if not args.no_task:
             timed(times, f"{first} task", ["train", *overrides, *common, f"generator={first}", "method=task",
                                            *task_overrides])
@@ -91,10 +103,12 @@ def pipeline(root: Path, folder: str, overrides: list[str], stage_overrides: dic
                                                         *stage_overrides.get("scratch", task_overrides)])
         if args.grpo:
             fresh = "method.start=fresh" in stage_overrides.get("task", [])
-            source = root / folder / "generators" / \
-                f"{first}-{'imitation' if args.no_task else 'task-fresh' if fresh else 'task'}.safetensors"
-            timed(times, f"{first} grpo", ["train", *overrides, *common, f"generator={first}", "method=grpo",
-                                           f"method.source={source}"])
+            kind = 'imitation' if args.no_task and not args.grpo_only else 'task-fresh' if fresh else 'task'
+            source = root / folder / "generators" / f"{first}-{kind}.safetensors"
+            for reward, reward_overrides in GRPO_REWARDS.items():
+                timed(times, f"{first} grpo{'' if reward == 'val_accuracy' else ' ' + reward}",
+                      ["train", *overrides, *common, f"generator={first}", "method=grpo", f"method.source={source}",
+                       *reward_overrides])
     timed(times, "evaluate", ["evaluate", *overrides, *common, f"evaluate.count={args.count}"])
     from synthnet.storage import atomic_write_bytes
     path = root / folder / "stage_times.json"
@@ -110,8 +124,15 @@ def table(root: Path, command: str, settings: list[str]) -> str:
     """Markdown for the README from ``<root>/<setting>/reports/report.json``."""
     from synthnet.evaluation.report import HEADLINE_COLUMNS, headline_cells
 
-    lines = ["| setting | networks | test accuracy | " + " | ".join(HEADLINE_COLUMNS) + " |",
-             "|---" * (len(HEADLINE_COLUMNS) + 3) + "|"]
+    extra = ["90% pruned test accuracy", "int4 test accuracy"]
+    lines = ["| setting | networks | test accuracy | " + " | ".join(HEADLINE_COLUMNS + extra) + " |",
+             "|---" * (len(HEADLINE_COLUMNS) + len(extra) + 3) + "|"]
+
+    def compressed(row: dict) -> list[str]:  # the 90%-pruned and int4 cells ("" where the report lacks them)
+        pruned = (row.get("pruned_test_accuracy") or {}).get("0.9")
+        quantized = (row.get("quantized_test_accuracy") or {}).get("4")
+        return ["" if pruned is None else _f(pruned["mean"]), "" if quantized is None else _f(quantized["mean"])]
+
     machines = set()
     for label, folder, _, _ in [s for s in SETTINGS if s[1] in settings]:
         path = root / folder / "reports" / "report.json"
@@ -122,10 +143,11 @@ def table(root: Path, command: str, settings: list[str]) -> str:
         twins = report["twins"]
         for name, gen in report["generators"].items():
             accuracy = f"{_f(gen['test_accuracy']['mean'])} ± {_f(gen['test_accuracy']['std'])}"
-            lines.append(f"| {label} | {name} | {accuracy} | " + " | ".join(headline_cells(gen)) + " |")
+            lines.append(f"| {label} | {name} | {accuracy} | " + " | ".join(headline_cells(gen) + compressed(gen))
+                         + " |")
         lines.append(f"| {label} | SGD twins (same inits) | {_f(twins['test_accuracy']['mean'])} ± "
                      f"{_f(twins['test_accuracy']['std'])} | 1 | 1 (max IoU {_f(twins['max_iou_vs_zoo']['mean'])}) "
-                     f"| 1 | 1 | 1 | 1 | 1 | 1 | |")
+                     f"| 1 | 1 | 1 | 1 | 1 | 1 | | " + " | ".join(compressed(twins)) + " |")
         for name in ("aligned average", "noise x0.1"):
             if name in report["baselines"]:
                 row = report["baselines"][name]
@@ -134,7 +156,7 @@ def table(root: Path, command: str, settings: list[str]) -> str:
                              f"| {_f(row['max_iou_vs_zoo']['mean'] / twins['max_iou_vs_zoo']['mean'])} | "
                              f"{_f((row.get('at_sgd_accuracy') or {}).get('novelty_ratio'))} "
                              f"| {_f(row['nearest_zoo_distance_aligned']['mean'] / twins['nearest_zoo_distance_aligned']['mean'])} "
-                             f"| | {_f(row['diversity_disagreement'] / twins['diversity_disagreement'])} | | | |")
+                             f"| | {_f(row['diversity_disagreement'] / twins['diversity_disagreement'])} | | | | | |")
     lines += ["", "Ratios are generated / SGD twin (twins: the target trained with the zoo's recipe from the same "
               "inits, as the zoo trains it). Novelty ratio (max error-set IoU with any zoo final) below 1: fewer test "
               "errors shared with the zoo than an independent SGD run. Less accurate networks share fewer errors "
@@ -143,7 +165,9 @@ def table(root: Path, command: str, settings: list[str]) -> str:
               "validation accuracy reaches the baseline's), and 'dominated by' uses that matched ratio. Weight "
               "novelty ratio (aligned distance to the nearest zoo checkpoint) above 1: farther from the zoo. "
               "Time-to-accuracy ratio = twin training seconds per network to the same validation accuracy / "
-              "generation seconds per network, both from the inits in hand (above 1: generating is faster).", "",
+              "generation seconds per network, both from the inits in hand (above 1: generating is faster). "
+              "Pruned: the smallest 90% of each network's weights zeroed (global magnitude, exact count; the twins "
+              "pruned post hoc the same way); int4: round to nearest, one scale per output channel.", "",
               f"Reproduce: `{command}`", "", f"Machine: {'; '.join(sorted(machines))}"]
     stage_rows = []
     for label, folder, _, _ in [s for s in SETTINGS if s[1] in settings]:
@@ -180,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=16, help="generated networks and SGD twins per row")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--generators", nargs="+", default=["perceiver_moe", "flat_mlp"])
-    parser.add_argument("--grpo", action="store_true", help="also GRPO-tune the first generator (from its task file)")
+    parser.add_argument("--grpo", action="store_true", help="also tune the first generator (from its task file) "
+                                                            "with method=grpo, once per reward: validation accuracy, "
+                                                            "90%%-pruned and int4 validation accuracy")
+    parser.add_argument("--grpo-only", action="store_true", help="only the --grpo stages and the evaluation (the "
+                                                                 "other generator files must be there)")
     parser.add_argument("--no-task", action="store_true", help="skip the task-loss stage (imitation rows only)")
     parser.add_argument("--scratch", action="store_true", help="also train the task-loss-from-scratch ablation")
     parser.add_argument("--skip-train", action="store_true", help="evaluate the generator files already there")

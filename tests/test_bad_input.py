@@ -61,6 +61,7 @@ def _tampered(trained, tmp_path, edit_tensors=None, edit_header=None):
     ("huge d_model", "generator_config 'd_model' = 1000000 is outside"),
     ("large d_model", "its header's generator_config expects"),
     ("huge num_experts", "generator_config 'num_experts' = 10000000 is outside"),
+    ("bias_chunk string", "generator_config 'bias_chunk' = 'yes' is not true or false"),
     ("extra tensor", "unexpected tensor 'surplus'"),
     ("missing tensor", "missing"),
     ("transposed tensor", "has shape"),
@@ -94,6 +95,8 @@ def test_a_tampered_generator_is_refused_and_nothing_is_overwritten(tiny_zoo, tr
             m["generator_config"] = {**m["generator_config"], "d_model": 4096}
         elif case == "huge num_experts":
             m["generator_config"] = {**m["generator_config"], "num_experts": 10_000_000}
+        elif case == "bias_chunk string":
+            m["generator_config"] = {**m["generator_config"], "bias_chunk": "yes"}
         return m
 
     root, _ = _tampered(trained, tmp_path, tensors, header)

@@ -60,6 +60,26 @@ def test_generate_for_an_unseen_width_and_depth(tiny_zoo, tmp_path, capsys):
     assert "reads one flat vector" in err and len(err.splitlines()) == 1
 
 
+def test_the_tokenizer_option_bias_chunk_travels_with_the_generator(tiny_zoo, tmp_path):
+    """A generator trained with generator.bias_chunk=true records it in its header, and generate tokenizes with the
+    file's own option (no override needed): its files equal the library's output under that layout, not the other."""
+    from synthnet.generation import generate_networks, target_layout
+    from synthnet.generators import load_generator
+
+    assert main(["train", *_args(tiny_zoo, tmp_path, "generator.bias_chunk=true")]) == 0
+    loaded = load_generator(tmp_path / "digits-mlp" / "generators" / "perceiver_moe-imitation.safetensors")
+    assert loaded.bias_chunk is True and loaded.metadata["generator_config"]["bias_chunk"] is True
+    assert main(["generate", *_args(tiny_zoo, tmp_path, "generate.count=2", "generate.steps=2")]) == 0
+    folder = tmp_path / "digits-mlp" / "generated" / "perceiver_moe-imitation"
+    written = [load_file(str(folder / f"seed_{s:07d}.safetensors")) for s in (1000000, 1000001)]
+    target = {"name": "mlp", "hidden": [16]}
+    for bias_chunk in (True, False):
+        _, layout = target_layout(target, (1, 8, 8), 10, loaded.chunk_size, bias_chunk)
+        final = generate_networks(loaded.model, layout, target, (1, 8, 8), 10, [1000000, 1000001], 2).state_dicts[-1]
+        same = all(torch.allclose(final[k][i], written[i][k], atol=1e-6) for i in range(2) for k in written[i])
+        assert same == bias_chunk
+
+
 def test_generate_writes_pruned_and_quantized_networks(tiny_zoo, tmp_path, capsys):
     """generate.prune / generate.bits: plain safetensors with exactly that share of weights zeroed and every
     weight on its output channel's grid of 2^bits - 1 levels, the settings and the sparsity in the header."""

@@ -159,7 +159,8 @@ def _evaluate(cfg: DictConfig) -> None:
     generated = []
     for path, loaded in loaded_files if main else []:  # the others wait at the barrier: nothing shares the clock
         bar.set_postfix_str(f"generate {path.stem}")
-        _, layout = target_layout(target_config, task.input_shape, task.num_classes, loaded.chunk_size)
+        _, layout = target_layout(target_config, task.input_shape, task.num_classes, loaded.chunk_size,
+                                  loaded.bias_chunk)
         check_layout(layout, loaded.metadata.get("num_values"), str(path))
         try:
             generate_networks(loaded.model, layout, target_config, task.input_shape, task.num_classes, seeds[:1],

@@ -55,7 +55,8 @@ def _generate(cfg: DictConfig) -> None:
     loaded = load_generator(path, device)
     unseen = check_generator_matches(path, loaded, target_config, task_config)
     task = build_task(task_config, cfg.paths.data_dir)
-    template, layout = target_layout(target_config, task.input_shape, task.num_classes, loaded.chunk_size)
+    template, layout = target_layout(target_config, task.input_shape, task.num_classes, loaded.chunk_size,
+                                        loaded.bias_chunk)
     check_layout(layout, loaded.metadata.get("num_values"), str(path))
     parameters = sum(p.numel() for p in template.parameters())
     check_networks_in_memory(cfg, f"generate.count={count} x generate.steps={steps}", count * (steps + 1), parameters)

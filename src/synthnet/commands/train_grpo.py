@@ -1,4 +1,9 @@
-"""``synthnet train method=grpo``: GRPO fine-tuning of an imitation-trained generator.
+"""``synthnet train method=grpo``: reinforcement on a reward no gradient reaches, of a trained generator.
+
+``method.algorithm`` picks the optimiser: ``es`` (default; :mod:`synthnet.methods.es`, evolution
+strategies on the generator's parameters, every candidate deterministic as ``generate`` makes it)
+or ``grpo`` (:mod:`synthnet.methods.grpo`, policy gradient over Gaussian noise on the sampled
+weights). ``bench/exploration.py`` compares them on the same reward evaluations.
 
 Starts from ``method.source`` (default ``<generators_dir>/<generator>-imitation.safetensors``),
 training it first with the imitation settings in ``method.imitation`` when it is missing
@@ -66,7 +71,8 @@ def train_grpo(cfg: DictConfig) -> Path:
     imitation = load_generator(source, device)
     check_generator_matches(source, imitation, target_config, task_config)
     task = build_task(task_config, cfg.paths.data_dir)
-    model, cpu_layout = target_layout(target_config, task.input_shape, task.num_classes, imitation.chunk_size)
+    model, cpu_layout = target_layout(target_config, task.input_shape, task.num_classes, imitation.chunk_size,
+                                      imitation.bias_chunk)
     check_layout(cpu_layout, imitation.metadata.get("num_values"), str(source))
     model, layout = model.to(device), cpu_layout.to(device)
     reward = Reward(cfg.reward.name, model, task.x_val.to(device), task.y_val.to(device), reward_options,
@@ -171,6 +177,6 @@ def train_grpo(cfg: DictConfig) -> Path:
                       title=f"GRPO on {cfg.task.name}-{cfg.target.name}: {cfg.reward.name}")
     if records:
         eps = reward.evaluations_per_second
-        print(f"grpo: {out_path} ({records[-1]['iteration']} iterations, reward {records[0]['reward_mean']:.4f} -> "
+        print(f"grpo: {out_path} ({algorithm}, {records[-1]['iteration']} iterations, reward {records[0]['reward_mean']:.4f} -> "
               f"{records[-1]['reward_mean']:.4f}, {eps:.0f} candidate evaluations/s)")
     return out_path

@@ -41,7 +41,8 @@ def train_imitation_command(cfg: DictConfig) -> None:
     torch.manual_seed(int(cfg.seed))
     task = build_task(task_config, cfg.paths.data_dir)
     template, layout = target_layout(target_config, task.input_shape, task.num_classes,
-                                     int(generator_config.get("chunk_size", 64)))
+                                     int(generator_config.get("chunk_size", 64)),
+                                     bool(generator_config.get("bias_chunk", False)))
     zoo = load_zoo_tokens(cfg.paths.checkpoints_dir, layout, template.layer_specs(), template.state_dict(),
                           target_config=target_config, max_runs=method.get("runs"))
     train_index, val_index = split_runs(zoo.num_runs, int(method.get("val_runs") or 0))

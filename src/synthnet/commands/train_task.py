@@ -100,7 +100,8 @@ def train_task_command(cfg: DictConfig) -> Path:
         reference = loaded.model
         source_fingerprint = loaded.metadata.get("fingerprint")
     task = build_task(task_config, cfg.paths.data_dir)
-    target, cpu_layout = target_layout(target_config, task.input_shape, task.num_classes, chunk_size)
+    bias_chunk = bool(generator_config.get("bias_chunk", False))
+    target, cpu_layout = target_layout(target_config, task.input_shape, task.num_classes, chunk_size, bias_chunk)
     if source is not None:
         check_layout(cpu_layout, loaded.metadata.get("num_values"), str(source))
     target = target.to(device)
@@ -145,7 +146,8 @@ def train_task_command(cfg: DictConfig) -> Path:
     def architecture(config: dict) -> tuple:  # (target on the device, CPU layout), built once per architecture
         tag = architecture_tag(config)
         if tag not in architectures:
-            member_target, member_layout = target_layout(config, task.input_shape, task.num_classes, chunk_size)
+            member_target, member_layout = target_layout(config, task.input_shape, task.num_classes, chunk_size,
+                                                         bias_chunk)
             architectures[tag] = (member_target.to(device), member_layout)
         return architectures[tag]
 

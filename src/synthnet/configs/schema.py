@@ -75,6 +75,9 @@ def structured(cls_name: str, name: str | None, library: type | None = None, *, 
 # generator options: defaults come from the constructor; help and ranges are written here
 _GENERATOR_OPTIONS: dict[str, tuple[str, dict]] = {
     "chunk_size": ("values per token (tokenizer); rows longer than this span several tokens", dict(low=1, high=4096)),
+    "bias_chunk": ("each bias alone in a token of its own (tokenizer): its place no longer moves with the fan-in, "
+                   "which lets a generator serve other widths (MNIST-1D MLP, README limits); false in files "
+                   "written before it existed", {}),
     "d_model": ("width of token, latent and expert features", dict(low=1, high=1 << 16)),
     "num_latents": ("size of the latent array", dict(low=1, high=1024)),
     "num_blocks": ("latent self-attention + MoE blocks", dict(low=1, high=1024)),
@@ -104,7 +107,8 @@ _GENERATOR_OPTIONS: dict[str, tuple[str, dict]] = {
 
 def _generator_schema(cls_name: str, name: str, constructor: type, doc: str) -> type:
     hints = typing.get_type_hints(constructor.__init__)
-    entries = [("chunk_size", int, option(64, _GENERATOR_OPTIONS["chunk_size"][0], **_GENERATOR_OPTIONS["chunk_size"][1]))]
+    entries = [("chunk_size", int, option(64, _GENERATOR_OPTIONS["chunk_size"][0], **_GENERATOR_OPTIONS["chunk_size"][1])),
+               ("bias_chunk", bool, option(False, _GENERATOR_OPTIONS["bias_chunk"][0]))]
     for key, parameter in inspect.signature(constructor.__init__).parameters.items():
         if key in ("self", "chunk_size", "num_values"):
             continue
@@ -205,7 +209,7 @@ class Evaluate:
     collapse_below: float = option(1.0, "flag as collapsed when both input-sensitivity and diversity ratios fall "
                                          "below this (outputs less tied to their inits and less diverse than SGD)",
                                    low=0)
-    prune_fractions: List[float] = option([0.5, 0.8], "pruned test accuracy after zeroing these fractions of "
+    prune_fractions: List[float] = option([0.5, 0.8, 0.9], "pruned test accuracy after zeroing these fractions of "
                                                       "weights", low=0, high=1, each=True)
     timing_repeats: int = option(3, "generation is timed this many times (median); twins train once", low=1)
     quantize_bits: List[int] = option([8, 4], "quantized test accuracy at these bit widths (round to nearest, one "

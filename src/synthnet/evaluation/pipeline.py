@@ -57,7 +57,7 @@ class Generated:
 class Options:
     insensitive_below: float = 0.1  # input-sensitivity ratio under which a generator is flagged
     collapse_below: float = 1.0  # flag as collapsed when input sensitivity AND diversity ratios are below this
-    prune_fractions: tuple[float, ...] = (0.5, 0.8)
+    prune_fractions: tuple[float, ...] = (0.5, 0.8, 0.9)
     quantize_bits: tuple[int, ...] = (8, 4)
     keep_matrices: bool = True  # IoU matrices in the result (for plots)
     zoo_rows: int = 64  # zoo finals scored against the rest of the zoo for the zoo-vs-zoo row

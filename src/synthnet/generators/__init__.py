@@ -31,7 +31,7 @@ from synthnet.tokenization import TokenLayout
 FILE_KIND = "synthnet-generator"
 MAX_OPTION = 1 << 16  # largest integer option a generator header may hold (widths, ranks, units)
 MAX_MODULE_COUNT = 1024  # largest count of modules (experts, blocks, heads) a header may ask for
-_NOT_MODULE_OPTIONS = {"name", "chunk_size"}
+_NOT_MODULE_OPTIONS = {"name", "chunk_size", "bias_chunk"}  # tokenizer options, not the module's
 
 
 def _options(config: Mapping, cls: type) -> dict[str, Any]:
@@ -84,6 +84,11 @@ class LoadedGenerator:
     chunk_size: int
     metadata: dict
 
+    @property
+    def bias_chunk(self) -> bool:
+        """The tokenizer's ``bias_chunk`` this generator was trained with (files from before the option: False)."""
+        return bool(self.config.get("bias_chunk", False))
+
 
 def save_generator(path: str | Path, model: nn.Module, *, config: Mapping, target_config: Mapping,
                    task_config: Mapping, chunk_size: int, extra: Mapping[str, Any] | None = None) -> None:
@@ -131,6 +136,8 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Load
     chunk_size = _header_int(metadata, "chunk_size", path, 1, 1 << 16)
     num_values = _header_int(metadata, "num_values", path, 0, 1 << 20) if metadata.get("num_values") is not None \
         else 0
+    if not isinstance(config.get("bias_chunk", False), bool):
+        raise SynthNetError(f"{path}: generator_config 'bias_chunk' = {config['bias_chunk']!r} is not true or false")
     for key, value in config.items():  # bound sizes before building anything, even on the meta device
         limit = MAX_MODULE_COUNT if key in ("num_experts", "num_blocks", "num_heads", "decoder_depth", "probes") else MAX_OPTION
         if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= limit:
