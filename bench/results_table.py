@@ -130,7 +130,7 @@ def table(root: Path, command: str, settings: list[str]) -> str:
 
     def compressed(row: dict) -> list[str]:  # the 90%-pruned and int4 cells ("" where the report lacks them)
         pruned = (row.get("pruned_test_accuracy") or {}).get("0.9")
-        quantized = (row.get("quantized_test_accuracy") or {}).get("4")
+        quantized = (row.get("quantized_test_accuracy") or {}).get("int4")
         return ["" if pruned is None else _f(pruned["mean"]), "" if quantized is None else _f(quantized["mean"])]
 
     machines = set()
