@@ -26,11 +26,10 @@ Writes ``<out>/<setting>.json`` and ``<out>/exploration.md`` (default ``bench/re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
-
-import torch
 
 from synthnet.config import compose, container
 
@@ -89,10 +88,10 @@ def held_out(cfg, setting: str, generators: dict[str, Path], count: int) -> dict
         specs = model.layer_specs()
         networks = generate_networks(generator.model, layout, target, task.input_shape, task.num_classes, seeds,
                                      int(cfg.generate.steps)).state_dicts
-        outputs[label] = (networks[0], networks[-1])
-    names = [k for k, v in outputs[next(iter(outputs))][1].items() if v.dim() >= 3]
+        outputs[label] = networks[-1]
+    names = [k for k, v in outputs[next(iter(outputs))].items() if v.dim() >= 3]
 
-    def describe(final: dict, init: dict) -> dict:
+    def describe(final: dict) -> dict:
         row = {"test": float(accuracy_and_loss(model, final, x_test, y_test)[0].mean()),
                "test_pruned90": float(accuracy_and_loss(model, compress(final, 0.9, None, names), x_test,
                                                         y_test)[0].mean()),
@@ -105,17 +104,13 @@ def held_out(cfg, setting: str, generators: dict[str, Path], count: int) -> dict
         row["spread"] = metrics.pairwise_distance(final, specs)
         return row
 
-    for label, (init, final) in outputs.items():
-        rows[label] = describe(final, init)
-    start_final = outputs["start"][1]
-    for label, (_, final) in outputs.items():
-        rows[label]["drift"] = float(metrics.relative_distance(final, start_final).mean())
-    recipe = Recipe(epochs=cfg.zoo.epochs, batch_size=cfg.zoo.batch_size, optimizer=cfg.zoo.optimizer,
-                    lr=float(cfg.zoo.lr), momentum=float(cfg.zoo.momentum), weight_decay=float(cfg.zoo.weight_decay),
-                    checkpoint_every=cfg.zoo.checkpoint_every)
+    for label, final in outputs.items():
+        rows[label] = describe(final)
+        rows[label]["drift"] = float(metrics.relative_distance(final, outputs["start"]).mean())
+    recipe = Recipe(**{f.name: cfg.zoo[f.name] for f in dataclasses.fields(Recipe)})  # as `synthnet zoo` builds it
     inits = [init_state_dict(target, task.input_shape, task.num_classes, s) for s in seeds]
     twins = train_twins(model, inits, seeds, task, recipe, keep_steps=[])
-    rows["SGD twins"] = describe(twins.final, None)
+    rows["SGD twins"] = describe(twins.final)
     rows["SGD twins"]["drift"] = float("nan")
     for row in rows.values():
         row["input_sensitivity"] = row["spread"] / rows["SGD twins"]["spread"]
