@@ -57,12 +57,8 @@ def main_bench(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from synthnet.config import compose, container
-    from synthnet.evaluation.metrics import disagreement, mean_off_diagonal
-    from synthnet.evaluation.scoring import predictions
-    from synthnet.evaluation.twins import train_twins
-    from synthnet.generation import generate_networks, target_layout
+    from synthnet.evaluation.architectures import evaluate_architectures
     from synthnet.generators import load_generator
-    from synthnet.targets import in_family, init_state_dict
     from synthnet.tasks import build_task
     from synthnet.zoo.training import Recipe
 
@@ -84,31 +80,20 @@ def main_bench(argv: list[str] | None = None) -> int:
     task = build_task(task_config, cfg.paths.data_dir)
     recipe = Recipe(**{key: cfg.zoo[key] for key in ("epochs", "batch_size", "optimizer", "lr", "momentum",
                                                      "weight_decay")})
-    loaded = {name: load_generator(path) for name, path in files.items()}
-    seeds = list(range(2_000_000, 2_000_000 + args.count))
     steps = int(cfg.generate.steps)
+    # the evaluation of `synthnet evaluate evaluate.architectures=...` (no zoo here: no novelty column)
+    found = evaluate_architectures(entries=setting["architectures"], base=base, task_config=task_config, task=task,
+                                   generators=[(path, load_generator(path)) for path in files.values()],
+                                   seeds=list(range(2_000_000, 2_000_000 + args.count)), steps=steps, recipe=recipe,
+                                   zoo_finals=None, zoo_model=None)
     rows = []
     for hidden in setting["architectures"]:
-        config = {**base, "hidden": list(hidden)}
-        template, _ = target_layout(config, task.input_shape, task.num_classes, 1)
-        row = {"architecture": "-".join(map(str, [template.layers[0].in_features, *hidden, task.num_classes])),
-               "seen": in_family(config, base, setting["widths"], setting["depths"])}
-        guesses = {}
-        for name, generator in loaded.items():
-            _, layout = target_layout(config, task.input_shape, task.num_classes, generator.chunk_size,
-                                      generator.bias_chunk)
-            final = generate_networks(generator.model, layout, config, task.input_shape, task.num_classes, seeds,
-                                      steps).state_dicts[-1]
-            guesses[name] = predictions(template, final, task.x_test)
-            row[f"{name}_accuracy"] = float((guesses[name] == task.y_test).double().mean())
-        inits = [init_state_dict(config, task.input_shape, task.num_classes, s) for s in seeds]
-        twins = train_twins(template, inits, seeds, task, recipe, keep_steps=[])
-        guesses["twins"] = predictions(template, twins.final, task.x_test)
-        row["twin_accuracy"] = float((guesses["twins"] == task.y_test).double().mean())
-        spread = {name: mean_off_diagonal(disagreement(g, g)) for name, g in guesses.items()}
-        row["ratio"] = row["family_accuracy"] / row["twin_accuracy"]
-        row["single_ratio"] = row["single_accuracy"] / row["twin_accuracy"]
-        row["diversity_ratio"] = spread["family"] / spread["twins"]
+        by = {r["generator"]: r for r in found if r["target_config"]["hidden"] == list(hidden)}
+        family_row, single_row = by["family"], by["single"]
+        row = {"architecture": family_row["architecture"], "seen": family_row["seen"],
+               "family_accuracy": family_row["generated_accuracy"], "single_accuracy": single_row["generated_accuracy"],
+               "twin_accuracy": family_row["twin_accuracy"], "ratio": family_row["accuracy_ratio"],
+               "single_ratio": single_row["accuracy_ratio"], "diversity_ratio": family_row["diversity_ratio"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     lines = [f"{args.setting}: family widths {setting['widths']} x depths {setting['depths']} vs one architecture "

@@ -72,3 +72,26 @@ def test_a_generator_trained_over_a_family_makes_unseen_depths_and_widths(tmp_pa
         accuracy[hidden] = _test_accuracy(folder / tag if tag else folder)
     assert accuracy["[16,16,16]"] > 0.17, accuracy
     assert accuracy["[20]"] > 0.35 and accuracy["[16]"] > 0.45, accuracy
+    # the same generator through `synthnet evaluate evaluate.architectures=...`: held-out rows beside SGD twins
+    assert main(["zoo", *common, "zoo.runs=3", "zoo.epochs=3"]) == 0
+    evaluate = ["evaluate", *common, f"evaluate.generators=[{generator}]", "evaluate.count=4",
+                "evaluate.twin_checkpoints=5", "evaluate.timing_repeats=1"]
+    report = tmp_path / "digits-mlp" / "reports" / "report.json"
+    for bad, message in (("[{activation: tanh}]", "cannot make these networks: its target.activation"),
+                         ("[[0]]", "neither a list of positive widths"), ("[{depth: 3}]", "target.depth")):
+        capsys.readouterr()
+        assert main([*evaluate, f"evaluate.architectures={bad}"]) == 2
+        assert message in capsys.readouterr().err
+        assert not report.exists()  # refused before any work
+    assert main([*evaluate, "evaluate.architectures=[[16,16,16],[20],[16]]"]) == 0
+    import json
+
+    rows = {r["architecture"]: r for r in json.loads(report.read_text())["architectures"]}
+    assert set(rows) == {"64-16-16-16-10", "64-20-10", "64-16-10"}
+    assert [rows[a]["seen"] for a in ("64-16-16-16-10", "64-20-10", "64-16-10")] == [False, False, True]
+    for row in rows.values():
+        assert row["twin_accuracy"] > 0.5 and row["networks"] == 4
+        assert row["accuracy_ratio"] == pytest.approx(row["generated_accuracy"] / row["twin_accuracy"])
+        assert row["diversity_ratio"] > 0 and row["input_sensitivity_ratio"] > 0 and row["novelty_ratio"] > 0
+    assert rows["64-16-10"]["generated_accuracy"] > 0.45 and rows["64-16-16-16-10"]["generated_accuracy"] > 0.17
+    assert "## Held-out architectures" in report.with_name("report.md").read_text()

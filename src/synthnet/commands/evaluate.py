@@ -149,6 +149,10 @@ def _evaluate(cfg: DictConfig) -> None:
         loaded = load_generator(path, device)
         check_generator_matches(path, loaded, target_config, task_config)
         loaded_files.append((path, loaded))
+    if cfg.evaluate.architectures:  # each builds and every generator serves it, before any work
+        from synthnet.evaluation.architectures import check_architectures
+
+        check_architectures(container(cfg.evaluate.architectures), target_config, task_config, task, loaded_files)
     zoo, recipe_fields = load_zoo(cfg, model, pool)
     seeds = list(range(int(cfg.evaluate.first_seed), int(cfg.evaluate.first_seed) + count))
     log.info("%s; zoo of %d runs; %d evaluation inits from seed %d; %d generator(s)", task.summary(),
@@ -184,6 +188,16 @@ def _evaluate(cfg: DictConfig) -> None:
     distributed.barrier()
     twins = train_twins(model, inits, seeds, task, Recipe(**{**recipe_fields, "checkpoint_every": every}),
                         group_size=group_size)  # trained as the zoo trains this target
+    held_out = []
+    if cfg.evaluate.architectures:  # every rank: their twins are shared like the main ones
+        from synthnet.evaluation.architectures import evaluate_architectures
+
+        held_out = evaluate_architectures(
+            entries=container(cfg.evaluate.architectures), base=target_config, task_config=task_config, task=task,
+            generators=loaded_files, seeds=seeds, steps=steps, recipe=Recipe(**{**recipe_fields,
+                                                                                "checkpoint_every": None}),
+            zoo_finals=zoo.finals, zoo_model=model, device=device, group_size=group_size,
+            progress=bar.set_postfix_str)
     if not main:
         return
     bar.update(3)
@@ -207,6 +221,8 @@ def _evaluate(cfg: DictConfig) -> None:
     result = evaluate(model=model, specs=specs, task=task, zoo=zoo, twins=twins, generated=generated,
                       baselines=baselines, options=options, progress=tick)
     bar.close()
+    if held_out:
+        result["architectures"] = held_out
     header = {"target": cfg.target.name, "target_config": target_config, "task": cfg.task.name,
               "generation_steps": steps, "networks_per_row": count, "evaluation_seeds": f"{seeds[0]}..{seeds[-1]}",
               "recipe": recipe_fields, "machine": machine(str(cfg.device)),
@@ -225,5 +241,9 @@ def _evaluate(cfg: DictConfig) -> None:
               f"{' (COLLAPSED)' if gen['input_sensitivity'].get('collapsed') else ''} | "
               f"time ratio {h['time_to_accuracy_ratio']:.1f} | dominated by "
               f"{', '.join(gen['placement']['dominated_by']) or 'no baseline'} |")
+    for row in held_out:
+        print(f"| {row['generator']} on {row['architecture']} ({'seen' if row['seen'] else 'unseen'}) | test accuracy "
+              f"{row['generated_accuracy']:.4f} | twins {row['twin_accuracy']:.4f} | acc ratio "
+              f"{row['accuracy_ratio']:.3f} | diversity ratio {row['diversity_ratio']:.3f} |")
     print(f"| SGD twins | test accuracy {result['twins']['test_accuracy']['mean']:.4f} | max IoU vs zoo "
           f"{result['twins']['max_iou_vs_zoo']['mean']:.3f} |")

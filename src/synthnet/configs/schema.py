@@ -211,6 +211,10 @@ class Evaluate:
                                    low=0)
     prune_fractions: List[float] = option([0.5, 0.8, 0.9], "pruned test accuracy after zeroing these fractions of "
                                                       "weights", low=0, high=1, each=True)
+    architectures: List[Any] = option([], "held-out architectures, each scored beside SGD twins of its own from "
+                                          "the same inits: a list of widths for the target's width key (MLP "
+                                          "hidden, CNN channels), e.g. [[48],[32,32]], or a mapping of target "
+                                          "keys, e.g. [{channels: [64,64], kernel_size: [5,3]}]; [] = none")
     timing_repeats: int = option(3, "generation is timed this many times (median); twins train once", low=1)
     quantize_bits: List[int] = option([8, 4], "quantized test accuracy at these bit widths (round to nearest, one "
                                               "scale per output channel, biases kept) for every generator and the "

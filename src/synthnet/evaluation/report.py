@@ -148,6 +148,13 @@ def markdown(result: Mapping[str, Any], header: Mapping[str, Any]) -> str:
                       for b, acc in gen.get("quantized_test_accuracy", {}).items()), ""]
     if not result["generators"]:
         lines += ["No generator was evaluated (evaluate.generators=[]): twins, zoo and baselines only.", ""]
+    if result.get("architectures"):
+        from synthnet.evaluation.architectures import markdown_table
+
+        lines += ["## Held-out architectures (evaluate.architectures; SGD twins of each architecture from the same "
+                  "inits, test split)", ""] + markdown_table(result["architectures"]) + [
+                  "", "Novelty ratio: largest error-set IoU with the zoo's finals, generated / twins (below 1: "
+                  "more novel than SGD); input sensitivity: aligned weight spread, generated / twins.", ""]
     lines += ["## Baselines", ""] + [f"- {name}: {row['description']}" for name, row in result["baselines"].items()]
     return "\n".join(lines) + "\n"
 
