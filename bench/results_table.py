@@ -45,8 +45,8 @@ SETTINGS = [
      {"imitation": ["method.steps=400", "method.eval_every=200", "method.save_every=200"],
       # the 20-run imitation generator emits networks with flat logits that the task loss cannot leave
       # (README): the CNN starts from a fresh generator anchored to the init (method.start=fresh)
-      "task": ["method.start=fresh", "method.anchor_weight=0.01", "method.steps=1000", "method.inits_per_step=4",
-               "method.eval_every=100", "method.save_every=100"],
+      "task": ["method.start=fresh", "method.anchor_weight=0.01", "method.steps=3000", "method.inits_per_step=4",
+               "method.eval_every=200", "method.save_every=200"],
       "scratch": ["method.steps=500", "method.inits_per_step=4", "method.eval_every=100", "method.save_every=100"]}),
 ]
 
