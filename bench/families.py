@@ -1,7 +1,7 @@
 """Architecture families: one generator trained over many widths and depths, beside a generator trained on one
 architecture with the same budget and beside SGD twins of every architecture, seen and unseen, in one table.
 
-    python bench/families.py --setting digits-mlp [--steps 1500] [--count 16] [--root runs/families]
+    python bench/families.py --setting digits-mlp [--steps 1500] [--count 16] [--root runs/families] [--depths 1 2 3]
 
 Trains, through the CLI (``synthnet train method=task method.start=fresh``), a *family* generator
 (``method.family_widths`` / ``method.family_depths`` of the setting) and a *single* generator on the setting's
@@ -52,6 +52,9 @@ def main_bench(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1500, help="task-loss steps of each generator")
     parser.add_argument("--count", type=int, default=16, help="networks (and twins) per architecture")
     parser.add_argument("--output", type=Path, default=None, help="also write the table and raw rows (JSON) here")
+    parser.add_argument("--depths", type=int, nargs="+", default=None,
+                        help="hidden-layer counts of the family (default: the setting's); deeper held-out "
+                             "architectures are added to the table so one depth outside the family stays unseen")
     parser.add_argument("--override", nargs="*", default=[], help="extra key=value overrides of both trainings "
                                                                   "(e.g. generator.bias_chunk=true)")
     args = parser.parse_args(argv)
@@ -62,7 +65,13 @@ def main_bench(argv: list[str] | None = None) -> int:
     from synthnet.tasks import build_task
     from synthnet.zoo.training import Recipe
 
-    setting = SETTINGS[args.setting]
+    setting = dict(SETTINGS[args.setting])
+    if args.depths:
+        deepest = max(args.depths)
+        width = setting["architectures"][0][0]
+        extra = [[w] * (deepest + 1) for w in (width, 40 if width != 40 else 48)]
+        setting.update(depths=sorted(args.depths),
+                       architectures=setting["architectures"] + [a for a in extra if a not in setting["architectures"]])
     family = [f"method.family_widths=[{','.join(map(str, setting['widths']))}]",
               f"method.family_depths=[{','.join(map(str, setting['depths']))}]"]
     common = [*setting["overrides"], f"paths.root={args.root / args.setting}", "progress=false", "seed=0",
