@@ -31,6 +31,17 @@ def test_a_seed_picks_one_member_reproducibly_and_members_stay_in_the_family():
         family_member({"name": "poc_cnn"}, [4], [1], 0)
 
 
+def test_a_cnn_of_another_depth_is_served_with_kernel_sizes_it_has_seen():
+    from synthnet.targets import serving_difference
+
+    trained = {"name": "cnn", "channels": [64, 64, 64], "kernel_size": [5, 3, 3], "stride": 2, "fc": []}
+    assert serving_difference(trained, {**trained, "channels": [64, 64], "kernel_size": [5, 3]}) is None
+    assert serving_difference(trained, {**trained, "channels": [32] * 4, "kernel_size": 3}) is None
+    assert "size 7 is one it has never seen" in serving_difference(trained, {**trained, "kernel_size": [5, 7, 3]})
+    assert "target.stride is 2, not 1" in serving_difference(trained, {**trained, "stride": 1})
+    assert "size 5 is one" in serving_difference({**trained, "kernel_size": 3}, trained)
+
+
 def test_a_family_needs_a_fresh_start_and_a_token_generator(tmp_path, capsys):
     base = ["train", "experiment=smoke_task", f"paths.root={tmp_path}", "progress=false",
             "method.family_widths=[8,16]"]

@@ -217,12 +217,21 @@ SIZE_KEYS: dict[str, tuple[str, ...]] = {"mlp": ("hidden",), "cnn": ("channels",
 
 def serving_difference(trained: Mapping, requested: Mapping) -> str | None:
     """Why a generator trained for target config ``trained`` cannot make ``requested`` networks, or None
-    (same target and every key equal but the width / depth keys of :data:`SIZE_KEYS`)."""
+    (same target and every key equal but the width / depth keys of :data:`SIZE_KEYS`; a CNN's per-layer
+    ``kernel_size`` list may differ too, as long as every size in it is one the generator was trained with)."""
     if trained.get("name") != requested.get("name"):
         return f"it makes '{trained.get('name')}' networks, not '{requested.get('name')}'"
     sizes = SIZE_KEYS.get(str(requested.get("name")), ())
     for key in sorted(set(trained) | set(requested)):
-        if key != "name" and key not in sizes and trained.get(key) != requested.get(key):
+        if key == "kernel_size" and requested.get("name") == "cnn":
+            # one size per layer: a CNN of another depth lists another number of sizes; any size it has seen serves
+            def kernels(value) -> set:
+                return set(value) if isinstance(value, (list, tuple)) else {value}
+            unseen = sorted(kernels(requested.get(key)) - kernels(trained.get(key)), key=str)
+            if unseen:
+                return (f"its target.kernel_size is {trained.get(key)!r}: a kernel of size {unseen[0]!r} is one it "
+                        f"has never seen")
+        elif key != "name" and key not in sizes and trained.get(key) != requested.get(key):
             return f"its target.{key} is {trained.get(key)!r}, not {requested.get(key)!r}"
     return None
 
