@@ -64,7 +64,7 @@ CONFIG_KEYS = ["name", "d_model", "num_latents", "num_blocks", "num_heads", "num
 @SETTINGS
 @given(top=st.sampled_from(GENERATOR_KEYS), inner=st.none() | st.sampled_from(CONFIG_KEYS), value=json_values)
 def test_a_mutated_generator_header_loads_or_is_a_one_line_error(generator_file, tmp_path, top, inner, value):
-    from synthnet.commands.artifacts import check_generator_matches
+    from synthnet.generators import check_generator_matches
     from synthnet.generators import load_generator
 
     source, target = generator_file

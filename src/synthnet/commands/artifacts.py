@@ -1,12 +1,10 @@
 """Artefacts every training and generation command shares: where generator files go, where an
-unfinished training keeps its resume state and how it is written and read back, the one check that a generator file can serve a target,
-the refusal to replace a generator trained with other settings, and the metrics log (JSONL beside the
+unfinished training keeps its resume state and how it is written and read back, the refusal to replace a generator trained with other settings, and the metrics log (JSONL beside the
 generator, TensorBoard under ``<target_dir>/tensorboard``)."""
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,47 +13,6 @@ from omegaconf import DictConfig
 from synthnet.errors import SynthNetError
 
 DEFAULT_REWARD = "val_accuracy"
-log = logging.getLogger("synthnet")
-
-
-def check_generator_matches(path: Path, loaded, target_config: dict, task_config: dict) -> bool:
-    """The one check that a generator file can serve: its training finished, it was trained on this task, and
-    it makes this kind of network (:func:`synthnet.targets.serving_difference`: the same target and options;
-    widths and depths may differ). Used by generate, evaluate, GRPO and the task method. Returns whether the
-    architecture is one it has not seen (zero-shot), after saying so in the log."""
-    from synthnet.targets import in_family, serving_difference
-
-    if loaded.metadata.get("finished") is False:
-        raise SynthNetError(f"{path} is an unfinished training ({loaded.metadata.get('method')}, stopped at "
-                            f"{loaded.metadata.get('grpo_iteration', loaded.metadata.get('step'))}); finish it with "
-                            f"`synthnet train` (same overrides) or leave it out")
-    if loaded.task_config.get("name") != task_config.get("name"):
-        raise SynthNetError(f"{path} was trained on task '{loaded.task_config.get('name')}', "
-                            f"not '{task_config.get('name')}'")
-    reason = serving_difference(loaded.target_config, target_config)
-    if reason is not None:
-        raise SynthNetError(f"{path} cannot make these networks: {reason}; pass the target= overrides it was "
-                            f"trained with (only widths and depths may differ)")
-    widths, depths = family_of(loaded.metadata)
-    unseen = not in_family(target_config, loaded.target_config, widths, depths)
-    if unseen:
-        trained = loaded.target_config if not (widths or depths) else \
-            f"{loaded.target_config} with widths {widths or 'its own'} and depths {depths or 'its own'}"
-        log.warning("zero-shot: %s was trained on target %s; making %s, an architecture it has not seen", path,
-                    trained, target_config)
-    return unseen
-
-
-def family_of(metadata: Mapping[str, Any]) -> tuple[list[int], list[int]]:
-    """The family of architectures a generator was trained over (``method.family_widths`` / ``family_depths``
-    in its header's method config); anything but lists of integers in that untrusted header reads as none."""
-    method = metadata.get("method_config")
-    method = method if isinstance(method, dict) else {}
-
-    def ints(value) -> list[int]:
-        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        return list(value) if ok else []
-    return ints(method.get("family_widths")), ints(method.get("family_depths"))
 
 
 def generator_path(cfg: DictConfig, override: str | None) -> Path:

@@ -117,13 +117,12 @@ def _evaluate(cfg: DictConfig) -> None:
     from tqdm.auto import tqdm
 
     from synthnet import distributed
-    from synthnet.commands.artifacts import check_generator_matches
     from synthnet.evaluation.baselines import build_baselines
     from synthnet.evaluation.pipeline import Generated, Options, evaluate
     from synthnet.evaluation.report import write_report
     from synthnet.evaluation.twins import train_twins
     from synthnet.generation import check_layout, generate_networks, target_layout
-    from synthnet.generators import load_generator
+    from synthnet.generators import check_generator_matches, load_generator
     from synthnet.tasks import build_task
     from synthnet.targets import build_target, init_state_dict
     from synthnet.zoo.training import Recipe, steps_per_epoch

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from synthnet.budget import check_files_on_disk, check_networks_in_memory
-from synthnet.commands.artifacts import check_generator_matches, generator_path
+from synthnet.commands.artifacts import generator_path
 from synthnet.config import command, container
 
 log = logging.getLogger("synthnet")
@@ -38,7 +38,7 @@ def _generate(cfg: DictConfig) -> None:
     from synthnet import __version__, distributed
     from synthnet.evaluation.scoring import accuracy_and_loss
     from synthnet.generation import check_layout, generate_networks, target_layout
-    from synthnet.generators import load_generator
+    from synthnet.generators import check_generator_matches, load_generator
     from synthnet.methods.rewards import compress
     from synthnet.storage import read_metadata, save_state_dict
     from synthnet.targets import architecture_tag

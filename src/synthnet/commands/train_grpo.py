@@ -47,8 +47,7 @@ DEFAULT_LR = {"grpo": 1e-4, "es": 1e-3}
 
 def train_grpo(cfg: DictConfig) -> Path:
     """Run the GRPO stage described by ``cfg`` (imitation first if needed); returns the generator file."""
-    from synthnet.commands.artifacts import check_generator_matches
-    from synthnet.generators import load_generator, save_generator
+    from synthnet.generators import check_generator_matches, load_generator, save_generator
     from synthnet.methods import es, grpo
     from synthnet.methods.es import ESSettings
     from synthnet.methods.grpo import GRPOSettings

@@ -47,12 +47,12 @@ def task_path(cfg: DictConfig) -> Path:
 
 
 def train_task_command(cfg: DictConfig) -> Path:
-    from synthnet.commands.artifacts import (check_generator_matches, load_resume_state, metrics_log,
-                                             refuse_to_replace, resume_path, save_resume_state)
+    from synthnet.commands.artifacts import (load_resume_state, metrics_log, refuse_to_replace, resume_path,
+                                             save_resume_state)
     from synthnet.commands.train_imitation import ensure_imitation
     from synthnet.generation import check_layout, init_tokens, target_layout
     from synthnet.targets import architecture_tag, family_member
-    from synthnet.generators import build_generator, load_generator, save_generator
+    from synthnet.generators import build_generator, check_generator_matches, load_generator, save_generator
     from synthnet.methods.imitation import EMA
     from synthnet.methods.task import TaskSettings, TaskState, step_seeds, train_task, validation_metrics
     from synthnet.storage import read_metadata

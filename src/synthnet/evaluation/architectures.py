@@ -3,7 +3,7 @@
 ``synthnet evaluate evaluate.architectures=[[48],[32,32]]`` (and ``bench/families.py``) call
 :func:`evaluate_architectures`. For every architecture (a target config that differs from the evaluated one
 only in its widths and depths) and every generator file that can serve it
-(:func:`synthnet.commands.artifacts.check_generator_matches`, the one check generate, GRPO and the task method
+(:func:`synthnet.generators.check_generator_matches`, the one check generate, GRPO and the task method
 use too), it makes networks from the evaluation inits, trains SGD twins of *that* architecture from the same
 inits with the zoo's recipe, and scores both on the test split:
 
@@ -68,9 +68,9 @@ def architecture_name(model: torch.nn.Module) -> str:
 def check_architectures(entries: Sequence[Any], base: Mapping[str, Any], task_config: Mapping[str, Any], task,
                         generators: Sequence[tuple[Any, Any]]) -> list[dict[str, Any]]:
     """The target configs of ``entries``, after checking that each builds and that every generator can serve it
-    (:func:`synthnet.commands.artifacts.check_generator_matches`); raises :class:`SynthNetError` naming the first
+    (:func:`synthnet.generators.check_generator_matches`); raises :class:`SynthNetError` naming the first
     that does not."""
-    from synthnet.commands.artifacts import check_generator_matches
+    from synthnet.generators import check_generator_matches
     from synthnet.targets import build_target
 
     if entries and not generators:
@@ -93,7 +93,7 @@ def evaluate_architectures(*, entries: Sequence[Any], base: Mapping[str, Any], t
     ``generators``: (path, loaded generator) pairs; ``zoo_finals`` / ``zoo_model``: the evaluated target's zoo
     finals and a module to run them (None: no novelty column). Raises :class:`SynthNetError` before any work if a
     generator cannot serve an architecture."""
-    from synthnet.commands.artifacts import family_of
+    from synthnet.generators import family_of
     from synthnet.evaluation import metrics
     from synthnet.evaluation.scoring import predictions
     from synthnet.evaluation.twins import train_twins
