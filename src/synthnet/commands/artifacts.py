@@ -1,6 +1,8 @@
 """Artefacts every training and generation command shares: where generator files go, where an
-unfinished training keeps its resume state and how it is written and read back, the refusal to replace a generator trained with other settings, and the metrics log (JSONL beside the
-generator, TensorBoard under ``<target_dir>/tensorboard``)."""
+unfinished training keeps its resume state and how it is written and read back, the refusal to
+replace a generator trained with other settings, and the metrics log (JSONL beside the generator,
+TensorBoard under ``<target_dir>/tensorboard``). The check that a generator file can serve a target
+is the library's: :func:`synthnet.generators.check_generator_matches`."""
 
 from __future__ import annotations
 
