@@ -204,6 +204,8 @@ def test_retraining_with_other_settings_never_replaces_a_generator_silently(tiny
     (["generate", "generate.count=10000000"], "needs about"),
     (["generate", "generate.steps=10000000"], "needs about"),
     (["evaluate", "evaluate.count=10000000"], "needs about"),
+    (["evaluate", "evaluate.architectures=[[65536,65536]]"], "evaluate.architectures (1 architectures"),
+    (["evaluate", "evaluate.architectures=[[16,abc]]"], "neither a list of positive widths"),
 ])
 def test_bad_values_and_impossible_sizes_end_in_one_line_before_any_work(tiny_zoo, trained, tmp_path, capsys, args,
                                                                          fragment):

@@ -114,6 +114,7 @@ def evaluate_command(cfg: DictConfig) -> None:
 
 
 def _evaluate(cfg: DictConfig) -> None:
+    import torch
     from tqdm.auto import tqdm
 
     from synthnet import distributed
@@ -151,7 +152,14 @@ def _evaluate(cfg: DictConfig) -> None:
     if cfg.evaluate.architectures:  # each builds and every generator serves it, before any work
         from synthnet.evaluation.architectures import check_architectures
 
-        check_architectures(container(cfg.evaluate.architectures), target_config, task_config, task, loaded_files)
+        configs = check_architectures(container(cfg.evaluate.architectures), target_config, task_config, task,
+                                      loaded_files)
+        with torch.device("meta"):  # parameter counts without allocating them
+            largest = max(sum(p.numel() for p in build_target(c, task.input_shape, task.num_classes).parameters())
+                          for c in configs)  # one architecture at a time: its twins and every generator's networks
+        check_networks_in_memory(cfg, f"evaluate.architectures ({len(configs)} architectures, evaluate.count={count} "
+                                 f"networks each from {len(files)} generator(s) and the twins)",
+                                 count * (len(files) + 2), largest)
     zoo, recipe_fields = load_zoo(cfg, model, pool)
     seeds = list(range(int(cfg.evaluate.first_seed), int(cfg.evaluate.first_seed) + count))
     log.info("%s; zoo of %d runs; %d evaluation inits from seed %d; %d generator(s)", task.summary(),

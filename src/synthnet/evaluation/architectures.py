@@ -77,7 +77,8 @@ def check_architectures(entries: Sequence[Any], base: Mapping[str, Any], task_co
         raise SynthNetError("evaluate.architectures needs at least one generator file (evaluate.generators is empty)")
     configs = [architecture_config(base, entry) for entry in entries]
     for config in configs:
-        build_target(config, task.input_shape, task.num_classes)
+        with torch.device("meta"):  # builds (so its options are checked) without allocating its weights
+            build_target(config, task.input_shape, task.num_classes)
         for path, loaded in generators:
             check_generator_matches(path, loaded, config, dict(task_config))
     return configs

@@ -12,6 +12,8 @@ config schema ``configs/schema.py`` reads) and its builder.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -53,7 +55,7 @@ class MLP(nn.Module):
     def __init__(self, *, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int],
                  activation_name: str = "relu"):
         super().__init__()
-        widths = [int(torch.tensor(input_shape).prod())] + [int(h) for h in hidden] + [num_classes]
+        widths = [math.prod(int(s) for s in input_shape)] + [int(h) for h in hidden] + [num_classes]
         if any(w <= 0 for w in widths):
             raise SynthNetError(f"mlp widths must be positive, got hidden={list(hidden)}")
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
