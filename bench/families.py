@@ -60,7 +60,7 @@ def main_bench(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from synthnet.config import compose, container
-    from synthnet.evaluation.architectures import evaluate_architectures
+    from synthnet.evaluation.architectures import check_architectures, evaluate_architectures
     from synthnet.generators import load_generator
     from synthnet.tasks import build_task
     from synthnet.zoo.training import Recipe
@@ -91,8 +91,9 @@ def main_bench(argv: list[str] | None = None) -> int:
                                                      "weight_decay")})
     steps = int(cfg.generate.steps)
     # the evaluation of `synthnet evaluate evaluate.architectures=...` (no zoo here: no novelty column)
-    found = evaluate_architectures(entries=setting["architectures"], base=base, task_config=task_config, task=task,
-                                   generators=[(path, load_generator(path)) for path in files.values()],
+    generators = [(path, load_generator(path)) for path in files.values()]
+    configs, _ = check_architectures(setting["architectures"], base, task_config, task, generators)
+    found = evaluate_architectures(configs=configs, task=task, generators=generators,
                                    seeds=list(range(2_000_000, 2_000_000 + args.count)), steps=steps, recipe=recipe,
                                    zoo_finals=None, zoo_model=None)
     rows = []

@@ -114,7 +114,6 @@ def evaluate_command(cfg: DictConfig) -> None:
 
 
 def _evaluate(cfg: DictConfig) -> None:
-    import torch
     from tqdm.auto import tqdm
 
     from synthnet import distributed
@@ -149,17 +148,16 @@ def _evaluate(cfg: DictConfig) -> None:
         loaded = load_generator(path, device)
         check_generator_matches(path, loaded, target_config, task_config)
         loaded_files.append((path, loaded))
+    held_out_configs = []
     if cfg.evaluate.architectures:  # each builds and every generator serves it, before any work
         from synthnet.evaluation.architectures import check_architectures
 
-        configs = check_architectures(container(cfg.evaluate.architectures), target_config, task_config, task,
-                                      loaded_files)
-        with torch.device("meta"):  # parameter counts without allocating them
-            largest = max(sum(p.numel() for p in build_target(c, task.input_shape, task.num_classes).parameters())
-                          for c in configs)  # one architecture at a time: its twins and every generator's networks
-        check_networks_in_memory(cfg, f"evaluate.architectures ({len(configs)} architectures, evaluate.count={count} "
-                                 f"networks each from {len(files)} generator(s) and the twins)",
-                                 count * (len(files) + 2), largest)
+        held_out_configs, largest = check_architectures(container(cfg.evaluate.architectures), target_config,
+                                                        task_config, task, loaded_files)
+        # one architecture at a time: its twins and every generator's networks
+        check_networks_in_memory(cfg, f"evaluate.architectures ({len(held_out_configs)} architectures, "
+                                 f"evaluate.count={count} networks each from {len(files)} generator(s) and the "
+                                 f"twins)", count * (len(files) + 2), largest)
     zoo, recipe_fields = load_zoo(cfg, model, pool)
     seeds = list(range(int(cfg.evaluate.first_seed), int(cfg.evaluate.first_seed) + count))
     log.info("%s; zoo of %d runs; %d evaluation inits from seed %d; %d generator(s)", task.summary(),
@@ -196,12 +194,11 @@ def _evaluate(cfg: DictConfig) -> None:
     twins = train_twins(model, inits, seeds, task, Recipe(**{**recipe_fields, "checkpoint_every": every}),
                         group_size=group_size)  # trained as the zoo trains this target
     held_out = []
-    if cfg.evaluate.architectures:  # every rank: their twins are shared like the main ones
+    if held_out_configs:  # every rank: their twins are shared like the main ones
         from synthnet.evaluation.architectures import evaluate_architectures
 
         held_out = evaluate_architectures(
-            entries=container(cfg.evaluate.architectures), base=target_config, task_config=task_config, task=task,
-            generators=loaded_files, seeds=seeds, steps=steps, recipe=Recipe(**{**recipe_fields,
+            configs=held_out_configs, task=task, generators=loaded_files, seeds=seeds, steps=steps, recipe=Recipe(**{**recipe_fields,
                                                                                 "checkpoint_every": None}),
             zoo_finals=zoo.finals, zoo_model=model, device=device, group_size=group_size,
             progress=bar.set_postfix_str)

@@ -1,10 +1,10 @@
 """Held-out architectures: a generator's networks for widths and depths other than its zoo's, beside SGD twins.
 
 ``synthnet evaluate evaluate.architectures=[[48],[32,32]]`` (and ``bench/families.py``) call
-:func:`evaluate_architectures`. For every architecture (a target config that differs from the evaluated one
-only in its widths and depths) and every generator file that can serve it
-(:func:`synthnet.generators.check_generator_matches`, the one check generate, GRPO and the task method
-use too), it makes networks from the evaluation inits, trains SGD twins of *that* architecture from the same
+:func:`check_architectures` before any work, then :func:`evaluate_architectures`. For every architecture (a
+target config that differs from the evaluated one only in its widths and depths) and every generator file
+that can serve it (:func:`synthnet.generators.check_generator_matches`, the one check generate, GRPO and
+the task method use too), it makes networks from the evaluation inits, trains SGD twins of *that* architecture from the same
 inits with the zoo's recipe, and scores both on the test split:
 
 * accuracy of the generated networks and of the twins, and their ratio;
@@ -66,34 +66,35 @@ def architecture_name(model: torch.nn.Module) -> str:
 
 
 def check_architectures(entries: Sequence[Any], base: Mapping[str, Any], task_config: Mapping[str, Any], task,
-                        generators: Sequence[tuple[Any, Any]]) -> list[dict[str, Any]]:
-    """The target configs of ``entries``, after checking that each builds and that every generator can serve it
-    (:func:`synthnet.generators.check_generator_matches`); raises :class:`SynthNetError` naming the first
-    that does not."""
+                        generators: Sequence[tuple[Any, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The target configs of ``entries`` and the parameter count of the largest, after checking that each builds
+    and that every generator can serve it (:func:`synthnet.generators.check_generator_matches`); raises
+    :class:`SynthNetError` naming the first that does not."""
     from synthnet.generators import check_generator_matches
     from synthnet.targets import build_target
 
     if entries and not generators:
         raise SynthNetError("evaluate.architectures needs at least one generator file (evaluate.generators is empty)")
     configs = [architecture_config(base, entry) for entry in entries]
+    largest = 0
     for config in configs:
         with torch.device("meta"):  # builds (so its options are checked) without allocating its weights
-            build_target(config, task.input_shape, task.num_classes)
+            model = build_target(config, task.input_shape, task.num_classes)
+        largest = max(largest, sum(p.numel() for p in model.parameters()))
         for path, loaded in generators:
             check_generator_matches(path, loaded, config, dict(task_config))
-    return configs
+    return configs, largest
 
 
-def evaluate_architectures(*, entries: Sequence[Any], base: Mapping[str, Any], task_config: Mapping[str, Any],
-                           task, generators: Sequence[tuple[Any, Any]], seeds: Sequence[int], steps: int, recipe,
+def evaluate_architectures(*, configs: Sequence[Mapping[str, Any]], task, generators: Sequence[tuple[Any, Any]], seeds: Sequence[int], steps: int, recipe,
                            zoo_finals: Mapping[str, torch.Tensor] | None, zoo_model: torch.nn.Module | None,
                            device: str | torch.device = "cpu", group_size: int | None = None,
                            progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Rows of the held-out architectures table, one per (architecture, generator); see the module docstring.
 
-    ``generators``: (path, loaded generator) pairs; ``zoo_finals`` / ``zoo_model``: the evaluated target's zoo
-    finals and a module to run them (None: no novelty column). Raises :class:`SynthNetError` before any work if a
-    generator cannot serve an architecture."""
+    ``configs``: target configs from :func:`check_architectures`; ``generators``: (path, loaded generator) pairs;
+    ``zoo_finals`` / ``zoo_model``: the evaluated target's zoo finals and a module to run them (None: no novelty
+    column)."""
     from synthnet.generators import family_of
     from synthnet.evaluation import metrics
     from synthnet.evaluation.scoring import predictions
@@ -102,7 +103,6 @@ def evaluate_architectures(*, entries: Sequence[Any], base: Mapping[str, Any], t
     from synthnet.targets import build_target, in_family, init_state_dict
 
     tick = progress or (lambda message: None)
-    configs = check_architectures(entries, base, task_config, task, generators)
     x_test, y_test = task.x_test.to(device), task.y_test.cpu()
     zoo_errors = None
     if zoo_finals is not None and zoo_model is not None:
