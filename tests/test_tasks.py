@@ -74,12 +74,25 @@ def test_mnist_idx_loader(tmp_path, compress):
     _write_mnist(tmp_path, compress)
     raw = read_idx(tmp_path / ("train-images-idx3-ubyte" + (".gz" if compress else "")))
     assert raw.shape == (60, 28, 28) and raw.dtype == np.uint8
-    task = build_task({"name": "mnist", "dir": str(tmp_path), "val_fraction": 0.25}, "unused")
+    task = build_task({"name": "mnist", "dir": str(tmp_path), "val_fraction": 0.25, "standardize": False}, "unused")
     assert task.input_shape == (1, 28, 28)
     assert (len(task.y_train), len(task.y_val), len(task.y_test)) == (45, 15, 20)
     assert float(task.x_train.max()) <= 1.0 and float(task.x_train.min()) >= 0.0
     expected = torch.as_tensor(raw[:].astype(np.float32) / 255.0)
     assert _rows(task.x_train) | _rows(task.x_val) == _rows(expected)
+
+
+def test_mnist_is_standardized_with_the_training_split_alone(tmp_path):
+    _write_mnist(tmp_path, False)
+    raw = build_task({"name": "mnist", "dir": str(tmp_path), "val_fraction": 0.25, "standardize": False}, "unused")
+    task = build_task({"name": "mnist", "dir": str(tmp_path), "val_fraction": 0.25}, "unused")  # the default
+    mean, std = float(raw.x_train.mean()), float(raw.x_train.std(correction=0))
+    assert abs(float(task.x_train.mean())) < 1e-4 and abs(float(task.x_train.std()) - 1) < 1e-3
+    # validation and test are moved by the training split's statistics, not their own
+    for split in ("x_train", "x_val", "x_test"):
+        torch.testing.assert_close(getattr(task, split), (getattr(raw, split) - mean) / std)
+    assert abs(float(task.x_test.mean())) > 1e-3  # its own mean would have made this 0
+    assert torch.equal(task.y_val, raw.y_val) and task.x_val.dtype == torch.float32
 
 
 def test_mnist_missing_files_are_named(tmp_path):

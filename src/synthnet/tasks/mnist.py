@@ -73,7 +73,9 @@ def download(directory: Path, mirror: str) -> None:
 
 
 def load_mnist_task(options: MNISTOptions, data_dir: Path) -> Task:
-    """Images scaled to [0, 1], shape (1, 28, 28); validation carved from the 60k training images."""
+    """Images (1, 28, 28), validation carved from the 60k training images; pixels in [0, 1], then, with
+    ``standardize``, shifted and scaled by the training split's own mean and standard deviation (never the
+    validation or test images')."""
     directory = Path(options.dir or data_dir / "mnist")
     if options.download:
         download(directory, str(options.mirror))
@@ -92,6 +94,11 @@ def load_mnist_task(options: MNISTOptions, data_dir: Path) -> Task:
     x_train, y_train, x_val, y_val = carve_validation(
         x, arrays["train_labels"].astype(np.int64), float(options.val_fraction),
         int(options.split_seed))
+    if options.standardize:
+        mean, std = float(x_train.mean()), float(x_train.std())
+        if not std > 0:
+            raise SynthNetError(f"MNIST training images in {directory} are all {mean}: nothing to standardize")
+        x_train, x_val, x_test = ((a - mean) / std for a in (x_train, x_val, x_test))
     height, width = x.shape[1:]
     return make_task("mnist", (1, height, width), 10,
                      (x_train, y_train, x_val, y_val, x_test, arrays["test_labels"].astype(np.int64)))

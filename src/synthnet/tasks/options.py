@@ -31,6 +31,8 @@ class MNISTOptions:
     val_fraction: float = option(5000 / 60000, "share of the 60,000 training images held out for validation",
                                  low=0, high=1, low_open=True, high_open=True)
     split_seed: int = option(0, "seed of the validation split", low=0)
+    standardize: bool = option(True, "subtract the training split's mean pixel and divide by its standard deviation "
+                                     "(about 0.13 and 0.31, the usual MNIST preprocessing); false = pixels in [0, 1]")
 
     def __post_init__(self):
         check_options(self, "task.")
