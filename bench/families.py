@@ -2,6 +2,7 @@
 architecture with the same budget and beside SGD twins of every architecture, seen and unseen, in one table.
 
     python bench/families.py --setting digits-mlp [--steps 1500] [--count 16] [--root runs/families] [--depths 1 2 3]
+                             [--generators family single curriculum] [--zoo-runs 1024]
 
 Trains, through the CLI (``synthnet train method=task method.start=fresh``), a *family* generator
 (``method.family_widths`` / ``method.family_depths`` of the setting) and a *single* generator on the setting's
@@ -13,6 +14,11 @@ setting) and prints, per architecture: seen or unseen by the family generator, t
 of the single generator's and of the twins, the ratio to the twins and the diversity ratio (mean pairwise
 disagreement of test predictions, generated / twins). Selection inside training reads the validation split; the
 test split only feeds this table.
+
+``--generators ... curriculum`` adds (or runs alone) a generator over the same family trained the way the
+results table trains one architecture: a zoo over the family (``zoo.family_*``, ``--zoo-runs`` runs with the
+setting's recipe), imitation on it, then the task loss over the family from that imitation generator (anchored
+to it), same task-loss steps.
 """
 
 from __future__ import annotations
@@ -55,6 +61,11 @@ def main_bench(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", type=int, nargs="+", default=None,
                         help="hidden-layer counts of the family (default: the setting's); deeper held-out "
                              "architectures are added to the table so one depth outside the family stays unseen")
+    parser.add_argument("--generators", nargs="+", default=["family", "single"],
+                        choices=["family", "single", "curriculum"],
+                        help="family: task loss over the family from a fresh generator; single: the same on the "
+                             "setting's own architecture; curriculum: zoo over the family -> imitation -> task loss")
+    parser.add_argument("--zoo-runs", type=int, default=1024, help="runs of the curriculum's family zoo")
     parser.add_argument("--override", nargs="*", default=[], help="extra key=value overrides of both trainings "
                                                                   "(e.g. generator.bias_chunk=true)")
     args = parser.parse_args(argv)
@@ -79,10 +90,22 @@ def main_bench(argv: list[str] | None = None) -> int:
               *args.override]
     files, seconds = {}, {}
     for name, extra in (("family", family), ("single", [])):
+        if name not in args.generators:
+            continue
         path = args.root / args.setting / f"{name}.safetensors"
         start = time.process_time()
         run(["train", *common, *extra, f"train.output={path}"])
         files[name], seconds[name] = path, time.process_time() - start
+    if "curriculum" in args.generators:
+        root = [*setting["overrides"], f"paths.root={args.root / args.setting}", "progress=false", "seed=0"]
+        start = time.process_time()
+        run(["zoo", *root, f"zoo.runs={args.zoo_runs}", *[f.replace("method.", "zoo.") for f in family]])
+        seconds["curriculum zoo"] = time.process_time() - start
+        path = args.root / args.setting / "curriculum.safetensors"
+        start = time.process_time()
+        run(["train", *root, "method=task", f"method.steps={args.steps}", *family, *args.override,
+             f"train.output={path}"])
+        files["curriculum"], seconds["curriculum (imitation + task)"] = path, time.process_time() - start
 
     cfg = compose(setting["overrides"])
     base, task_config = container(cfg.target), container(cfg.task)
@@ -96,26 +119,37 @@ def main_bench(argv: list[str] | None = None) -> int:
     found = evaluate_architectures(configs=configs, task=task, generators=generators,
                                    seeds=list(range(2_000_000, 2_000_000 + args.count)), steps=steps, recipe=recipe,
                                    zoo_finals=None, zoo_model=None)
+    names = list(files)
     rows = []
     for hidden in setting["architectures"]:
         by = {r["generator"]: r for r in found if r["target_config"]["hidden"] == list(hidden)}
-        family_row, single_row = by["family"], by["single"]
-        row = {"architecture": family_row["architecture"], "seen": family_row["seen"],
-               "family_accuracy": family_row["generated_accuracy"], "single_accuracy": single_row["generated_accuracy"],
-               "twin_accuracy": family_row["twin_accuracy"], "ratio": family_row["accuracy_ratio"],
-               "single_ratio": single_row["accuracy_ratio"], "diversity_ratio": family_row["diversity_ratio"]}
+        first = by[names[0]]
+        row = {"architecture": first["architecture"], "seen": {n: by[n]["seen"] for n in names},
+               "twin_accuracy": first["twin_accuracy"]}
+        for n in names:  # the keys of the tables written before --generators: family_accuracy, ratio, ...
+            prefix = "" if n == "family" else f"{n}_"
+            row.update({f"{n}_accuracy": by[n]["generated_accuracy"], f"{prefix}ratio": by[n]["accuracy_ratio"],
+                        f"{prefix}diversity_ratio": by[n]["diversity_ratio"]})
         rows.append(row)
         print(json.dumps(row), flush=True)
-    lines = [f"{args.setting}: family widths {setting['widths']} x depths {setting['depths']} vs one architecture "
-             f"{base['hidden']}, {args.steps} task-loss steps each (fresh start); {args.count} evaluation inits, "
-             f"{steps} generation steps; test split", "",
-             "| architecture | family generator | generated acc (family) | generated acc (single) | SGD twins | "
-             "ratio (family) | ratio (single) | diversity ratio (family) |", "|---|---|---|---|---|---|---|---|"]
+    kinds = {"family": "family", "single": "one architecture", "curriculum": "family zoo -> imitation -> task"}
+    lines = [f"{args.setting}: family widths {setting['widths']} x depths {setting['depths']}, one architecture "
+             f"{base['hidden']}; generators: " + "; ".join(f"{n} ({kinds[n]})" for n in names) +
+             f"; {args.steps} task-loss steps each (family and single from a fresh generator"
+             f"{f'; curriculum from the imitation of a {args.zoo_runs}-run family zoo' if 'curriculum' in names else ''})"
+             f"; {args.count} evaluation inits, {steps} generation steps; test split", "",
+             "| architecture | " + " | ".join(f"{n}: seen" for n in names if n != "single") + " | "
+             + " | ".join(f"generated acc ({n})" for n in names) + " | SGD twins | "
+             + " | ".join(f"ratio ({n})" for n in names) + " | "
+             + " | ".join(f"diversity ratio ({n})" for n in names) + " |",
+             "|---" * (2 + len([n for n in names if n != "single"]) + 3 * len(names)) + "|"]
     for r in rows:
-        lines.append(f"| {r['architecture']} | {'seen' if r['seen'] else 'unseen'} | {r['family_accuracy']:.3f} | "
-                     f"{r['single_accuracy']:.3f} | {r['twin_accuracy']:.3f} | {r['ratio']:.3f} | "
-                     f"{r['single_ratio']:.3f} | {r['diversity_ratio']:.3f} |")
-    lines += ["", f"training CPU seconds: family {seconds['family']:.0f}, single {seconds['single']:.0f}"]
+        cells = [("seen" if r["seen"][n] else "unseen") for n in names if n != "single"]
+        cells += [f"{r[f'{n}_accuracy']:.3f}" for n in names] + [f"{r['twin_accuracy']:.3f}"]
+        cells += [f"{r['ratio' if n == 'family' else f'{n}_ratio']:.3f}" for n in names]
+        cells += [f"{r['diversity_ratio' if n == 'family' else f'{n}_diversity_ratio']:.3f}" for n in names]
+        lines.append(f"| {r['architecture']} | " + " | ".join(cells) + " |")
+    lines += ["", "training CPU seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
     text = "\n".join(lines)
     print("\n" + text)
     if args.output:

@@ -166,7 +166,8 @@ def test_zoo_retrains_a_run_whose_intermediate_checkpoint_was_cut_short(tmp_path
     assert main(["train", "experiment=smoke", f"paths.root={tmp_path}", "progress=false"]) == 0
 
 
-def test_retraining_with_other_settings_never_replaces_a_generator_silently(tiny_zoo, trained, tmp_path, capsys):
+def test_retraining_with_other_settings_never_replaces_a_generator_silently(tiny_zoo, trained, tmp_path, capsys,
+                                                                          monkeypatch):
     root = tmp_path / "copy"
     shutil.copytree(trained, root)
     generators = root / "digits-mlp" / "generators"
@@ -176,8 +177,12 @@ def test_retraining_with_other_settings_never_replaces_a_generator_silently(tiny
     _one_line_error(capsys, "trained with other settings", "train.output=", "train.overwrite=true")
     assert _snapshot(generators) == before  # generator and metrics log untouched
     beside = generators / "lr001.safetensors"
-    assert main(["train", *_args(tiny_zoo, root, "method.lr=0.01", f"train.output={beside}")]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a bare file name goes beside the generators, not into the working directory
+    assert main(["train", *_args(tiny_zoo, root, "method.lr=0.01", "train.output=lr001.safetensors")]) == 0
     assert beside.exists() and all(_snapshot(generators)[p] == data for p, data in before.items())
+    assert not list(elsewhere.iterdir())
     assert main(["train", *_args(tiny_zoo, root, "method.lr=0.01", "train.overwrite=true")]) == 0
     path = generators / "perceiver_moe-imitation.safetensors"
     assert read_metadata(path)["method_config"]["lr"] == 0.01

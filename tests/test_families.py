@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from synthnet.cli import main
 from synthnet.errors import SynthNetError
@@ -42,11 +43,12 @@ def test_a_cnn_of_another_depth_is_served_with_kernel_sizes_it_has_seen():
     assert "size 5 is one" in serving_difference({**trained, "kernel_size": 3}, trained)
 
 
-def test_a_family_needs_a_fresh_start_and_a_token_generator(tmp_path, capsys):
+def test_a_family_needs_a_family_zoo_or_a_fresh_start_and_a_token_generator(tmp_path, capsys):
     base = ["train", "experiment=smoke_task", f"paths.root={tmp_path}", "progress=false",
             "method.family_widths=[8,16]"]
-    assert main(base) == 2
-    assert "add method.start=fresh" in capsys.readouterr().err
+    assert main(base) == 2  # no zoo over that family to train its imitation on
+    err = capsys.readouterr().err
+    assert "zoo.family_widths=[8, 16]" in err and "add method.start=fresh" in err
     assert main([*base, "method.start=fresh", "generator=flat_mlp"]) == 2
     assert "cannot train over a family" in capsys.readouterr().err
     assert main([*base, "method.start=fresh", "target=poc_cnn", "task=mnist"]) == 2
@@ -106,3 +108,68 @@ def test_a_generator_trained_over_a_family_makes_unseen_depths_and_widths(tmp_pa
         assert row["diversity_ratio"] > 0 and row["input_sensitivity_ratio"] > 0 and row["novelty_ratio"] > 0
     assert rows["64-16-10"]["generated_accuracy"] > 0.45 and rows["64-16-16-16-10"]["generated_accuracy"] > 0.17
     assert "## Held-out architectures" in report.with_name("report.md").read_text()
+
+
+def test_a_family_zoo_trains_imitation_over_mixed_layouts_and_the_task_loss_goes_on_from_it(tmp_path, capsys):
+    """`synthnet zoo` over a family writes runs of several architectures (each header its own config); imitation
+    learns from all of them (grouped by layout) and fits every architecture's runs better than the identity;
+    the task loss over the same family starts from that generator; evaluate scores a member against its own runs."""
+    import json
+
+    from synthnet.generation import target_layout
+    from synthnet.generators import load_generator
+    from synthnet.methods.data import load_zoo_tokens, zoo_architectures
+    from synthnet.methods.imitation import layer_value_weights, validation_loss
+    from synthnet.storage import read_metadata
+    from synthnet.tasks import build_task
+
+    common = ["target=mlp", "task=digits", "target.hidden=[16]", f"paths.root={tmp_path}", "progress=false", *TINY]
+    zoo = [*common, "zoo.runs=12", "zoo.epochs=3", "zoo.family_widths=[16]", "zoo.family_depths=[1,2]"]
+    assert main(["zoo", *zoo]) == 0
+    checkpoints = tmp_path / "digits-mlp" / "checkpoints"
+    architectures, family = zoo_architectures(checkpoints)
+    assert family == {"base": {"name": "mlp", "hidden": [16], "activation": "relu"}, "widths": [16], "depths": [1, 2]}
+    assert {repr(c["hidden"]): len(seeds) for c, seeds in architectures.values()} == {"[16, 16]": 5, "[16]": 7}
+    written = {p: p.stat().st_mtime_ns for p in checkpoints.rglob("*.safetensors")}
+    assert main(["zoo", *zoo]) == 0  # every run complete: nothing trained again
+    assert {p: p.stat().st_mtime_ns for p in checkpoints.rglob("*.safetensors")} == written
+    capsys.readouterr()
+    assert main(["zoo", *common, "zoo.runs=12", "zoo.epochs=3", "zoo.family_widths=[16]"]) == 2  # another family
+    assert "different target, task, recipe or family" in capsys.readouterr().err
+
+    assert main(["train", *common, "method=imitation", "method.steps=400", "method.batch_size=16",
+                 "method.eval_every=400", "method.log_every=100"]) == 0
+    path = tmp_path / "digits-mlp" / "generators" / "perceiver_moe-imitation.safetensors"
+    meta = read_metadata(path)
+    assert meta["method_config"]["family_widths"] == [16] and meta["method_config"]["family_depths"] == [1, 2]
+    assert len(meta["val_seeds"]) == 4 and len(meta["train_seeds"]) == 8
+    generator = load_generator(path).model
+    task = build_task({"name": "digits"}, str(tmp_path / "data"))
+    for config, seeds in architectures.values():  # both layouts were learned: their runs fit better than identity
+        template, layout = target_layout(config, task.input_shape, task.num_classes, 64, False)
+        assert any(s in meta["val_seeds"] for s in seeds), config  # held-out runs of every architecture
+        data = load_zoo_tokens(checkpoints, layout, template.layer_specs(), template.state_dict(),
+                               target_config=config, seeds=[s for s in seeds if s in meta["train_seeds"]])
+        learned = validation_loss(generator, data, layout, layer_value_weights(layout), torch.device("cpu"))
+        identity = validation_loss(_Identity(), data, layout, layer_value_weights(layout), torch.device("cpu"))
+        assert learned["val_loss"] < 0.6 * identity["val_loss"], (config, learned, identity)
+
+    task_loss = [*common, "method=task", "method.steps=20", "method.inits_per_step=2", "method.batch_size=64",
+                 "method.eval_every=20", "method.save_every=20", "method.log_every=20", "method.val_inits=2",
+                 "method.family_depths=[1,2]"]
+    assert main(["train", *task_loss, "method.family_widths=[16,32]"]) == 2  # not the zoo's family
+    assert "was trained over widths [16] and depths [1, 2]" in capsys.readouterr().err
+    assert main(["train", *task_loss, "method.family_widths=[16]"]) == 0  # from imitation, anchored to it
+    task_generator = tmp_path / "digits-mlp" / "generators" / "perceiver_moe-task.safetensors"
+    assert read_metadata(task_generator)["method_config"]["start"] == "imitation"
+
+    assert main(["evaluate", *common, "target.hidden=[16,16]", f"evaluate.generators=[{task_generator}]",
+                 "evaluate.count=2", "evaluate.twin_checkpoints=3", "evaluate.timing_repeats=1",
+                 "evaluate.zoo_rows=2"]) == 0
+    report = json.loads((tmp_path / "digits-mlp" / "reports" / "report.json").read_text())
+    assert len(report["zoo"]["seeds"]) == 5  # the [16, 16] runs of the family zoo only
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, tokens, *_):
+        return tokens

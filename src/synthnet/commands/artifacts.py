@@ -24,6 +24,16 @@ def generator_path(cfg: DictConfig, override: str | None) -> Path:
     return Path(cfg.paths.generators_dir) / f"{cfg.generator.name}-{cfg.method.name}.safetensors"
 
 
+def train_output(cfg: DictConfig, default: Path) -> Path:
+    """Where ``synthnet train`` writes: ``train.output`` (a bare file name goes in ``paths.generators_dir``, beside
+    the generators ``evaluate`` picks up; a path with a folder is taken as it is) or ``default``."""
+    output = cfg.get("train", {}).get("output")
+    if not output:
+        return Path(default)
+    path = Path(output)
+    return Path(cfg.paths.generators_dir) / path if path.parent == Path(".") and not path.is_absolute() else path
+
+
 def resume_path(path: Path) -> Path:
     """Where an unfinished training keeps its state: ``<folder>/resume/<name>`` (not a generator file,
     so it lives apart from the generators that ``evaluate`` picks up); removed when training ends."""
@@ -125,10 +135,9 @@ def grpo_stem(generator_name: str, reward_name: str) -> str:
 
 
 def grpo_path(cfg: DictConfig) -> Path:
-    """``train.output`` or ``<generators_dir>/<generator>-grpo[-<reward>].safetensors``."""
-    output = cfg.get("train", {}).get("output")
-    return Path(output) if output else \
-        Path(cfg.paths.generators_dir) / f"{grpo_stem(cfg.generator.name, cfg.reward.name)}.safetensors"
+    """``train.output`` (:func:`train_output`) or ``<generators_dir>/<generator>-grpo[-<reward>].safetensors``."""
+    return train_output(cfg, Path(cfg.paths.generators_dir) / f"{grpo_stem(cfg.generator.name, cfg.reward.name)}"
+                                                               f".safetensors")
 
 
 def stem_of(path: Path) -> str:

@@ -68,11 +68,15 @@ def load_zoo(cfg: DictConfig, model, pool: str):
     if not runs:
         raise SynthNetError(f"no zoo in {cfg.paths.checkpoints_dir}; {hint}")
     target, task = container(cfg.target), container(cfg.task)
-    seeds, finals, val_accuracy, pool_states, pool_seeds, recipe = [], [], [], [], [], None
+    seeds, finals, val_accuracy, pool_states, pool_seeds, recipe, other_members = [], [], [], [], [], None, 0
     for seed, paths in sorted(runs.items()):
         metadata = checkpoint_header(paths[-1])
         if not metadata.get("final"):
             log.warning("zoo run %d is incomplete (last step %d); left out", seed, step_of(paths[-1]))
+            continue
+        if metadata.get("family") is not None and metadata.get("task_config") == task and \
+                metadata.get("target_config") != target:  # a family zoo: the evaluated architecture's runs only
+            other_members += 1
             continue
         if metadata.get("target_config") != target or metadata.get("task_config") != task:
             raise SynthNetError(f"{paths[-1]} was made for another target or task than "
@@ -88,8 +92,11 @@ def load_zoo(cfg: DictConfig, model, pool: str):
             pool_states += [load_state_dict(p, model)[0] for p in middle]
             pool_seeds += [seed] * len(middle)
     if len(seeds) < 2:
-        raise SynthNetError(f"the zoo in {cfg.paths.checkpoints_dir} has {len(seeds)} complete runs; evaluation "
+        raise SynthNetError(f"the zoo in {cfg.paths.checkpoints_dir} has {len(seeds)} complete runs"
+                            f"{' of this architecture (a family zoo)' if other_members else ''}; evaluation "
                             f"needs at least 2 ({hint} zoo.runs=16)")
+    if other_members:
+        log.info("family zoo: %d runs of %s, %d runs of its other members left out", len(seeds), target, other_members)
     stacked = stack_state_dicts(finals)
     pool_stack = stack_state_dicts(finals + pool_states) if pool_states else stacked
     pool_name = "checkpoints (every step > 0)" if pool == "all" else "final checkpoints"
@@ -188,6 +195,8 @@ def _evaluate(cfg: DictConfig) -> None:
     final_step = int(recipe.epochs) * steps_per_epoch(task, recipe)
     every = max(1, final_step // int(cfg.evaluate.twin_checkpoints))
     bar.set_postfix_str(f"SGD twins ({final_step} steps)")
+    if bar.disable and main:  # without a bar (progress=false, logs to a file) the log says where it is
+        log.info("evaluate: training %d SGD twins, %d steps each", count, final_step)
     inits = [init_state_dict(target_config, task.input_shape, task.num_classes, s) for s in seeds]
     group_size = None if cfg.zoo.group_size is None else int(cfg.zoo.group_size)
     distributed.barrier()
@@ -220,6 +229,8 @@ def _evaluate(cfg: DictConfig) -> None:
     def tick(stage: str) -> None:
         bar.set_postfix_str(stage)
         bar.update(1)
+        if bar.disable:
+            log.info("evaluate: %s", stage)
 
     start = time.perf_counter()
     result = evaluate(model=model, specs=specs, task=task, zoo=zoo, twins=twins, generated=generated,

@@ -101,7 +101,8 @@ def _generate(cfg: DictConfig) -> None:
     sgd = "n/a"
     runs = list_runs(cfg.paths.checkpoints_dir)
     if runs:
-        finals = [read_metadata(files[-1]).get("test_accuracy") for files in runs.values()]
+        headers = [read_metadata(files[-1]) for files in runs.values()]  # a family zoo: this architecture's runs
+        finals = [m.get("test_accuracy") for m in headers if m.get("target_config", target_config) == target_config]
         finals = [f for f in finals if f is not None]
         if finals:
             sgd = f"{np.mean(finals):.4f} (mean of {len(finals)} zoo runs)"

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from synthnet import distributed
 from synthnet.commands.artifacts import (generator_path, imitation_path, load_resume_state, metrics_log,
-                                         refuse_to_replace, resume_path, save_resume_state)
+                                         refuse_to_replace, resume_path, save_resume_state, train_output)
 from synthnet.config import container, settings as settings_of
 from synthnet.errors import SynthNetError
 
@@ -24,7 +24,7 @@ def train_imitation_command(cfg: DictConfig) -> None:
 
     from synthnet.generation import target_layout
     from synthnet.generators import build_generator, save_generator
-    from synthnet.methods.data import load_zoo_tokens, split_runs
+    from synthnet.methods.data import load_zoo_tokens, split_runs, zoo_architectures
     from synthnet.methods.imitation import (EMA, ImitationSettings, TrainState,
                                             train_imitation)
     from synthnet.evaluation.scoring import accuracy_and_loss
@@ -40,25 +40,56 @@ def train_imitation_command(cfg: DictConfig) -> None:
     main = distributed.is_main_process()
     torch.manual_seed(int(cfg.seed))
     task = build_task(task_config, cfg.paths.data_dir)
-    template, layout = target_layout(target_config, task.input_shape, task.num_classes,
-                                     int(generator_config.get("chunk_size", 64)),
-                                     bool(generator_config.get("bias_chunk", False)))
-    zoo = load_zoo_tokens(cfg.paths.checkpoints_dir, layout, template.layer_specs(), template.state_dict(),
-                          target_config=target_config, max_runs=method.get("runs"))
-    train_index, val_index = split_runs(zoo.num_runs, int(method.get("val_runs") or 0))
-    train_data, val_data = zoo.select(train_index), zoo.select(val_index)
+    chunk_size, bias_chunk = int(generator_config.get("chunk_size", 64)), bool(generator_config.get("bias_chunk", False))
+    template, layout = target_layout(target_config, task.input_shape, task.num_classes, chunk_size, bias_chunk)
+    architectures, family = zoo_architectures(cfg.paths.checkpoints_dir)
+    if family is None:  # a zoo of one target
+        zoo = load_zoo_tokens(cfg.paths.checkpoints_dir, layout, template.layer_specs(), template.state_dict(),
+                              target_config=target_config, max_runs=method.get("runs"))
+        train_index, val_index = split_runs(zoo.num_runs, int(method.get("val_runs") or 0))
+        train_groups, val_groups, templates = [zoo.select(train_index)], [zoo.select(val_index)], [template]
+        checkpoints = zoo.times.shape[1]
+    else:  # a family zoo (zoo.family_*): one group per architecture, runs split by seed across the whole zoo
+        if family["base"] != target_config:
+            raise SynthNetError(f"the family zoo in {cfg.paths.checkpoints_dir} was built around target "
+                                f"{family['base']}, not {target_config}; pass the target= overrides it was built with")
+        if generator_config["name"] == "flat_mlp":
+            raise SynthNetError("generator=flat_mlp reads one vector of fixed length and cannot train over a family "
+                                "zoo; use generator=perceiver_moe")
+        seeds = sorted(s for _, group in architectures.values() for s in group)[:method.get("runs") or None]
+        train_index, val_index = split_runs(len(seeds), int(method.get("val_runs") or 0))
+        val_seeds = {seeds[i] for i in val_index}
+        train_groups, val_groups, templates = [], [], []
+        for config, group in architectures.values():
+            group = [s for s in group if s in set(seeds)]
+            if not group:
+                continue
+            member, member_layout = target_layout(config, task.input_shape, task.num_classes, chunk_size, bias_chunk)
+            tokens = load_zoo_tokens(cfg.paths.checkpoints_dir, member_layout, member.layer_specs(),
+                                     member.state_dict(), target_config=config, seeds=group)
+            train_groups.append(tokens.select([i for i, s in enumerate(tokens.seeds) if s not in val_seeds]))
+            val_groups.append(tokens.select([i for i, s in enumerate(tokens.seeds) if s in val_seeds]))
+            templates.append(member)
+        checkpoints = max(g.times.shape[1] for g in train_groups)
+        method = {**method, "family_widths": list(family["widths"]), "family_depths": list(family["depths"])}
+        log.info("family zoo: %d architectures (%s)", len(train_groups),
+                 ", ".join(f"{g.target_config.get('hidden', g.target_config.get('channels'))}: "
+                           f"{g.num_runs} + {v.num_runs} runs" for g, v in zip(train_groups, val_groups)))
+    train_runs = sum(g.num_runs for g in train_groups)
+    train_seeds = sorted(s for g in train_groups for s in g.seeds)
+    val_seeds = sorted(s for g in val_groups for s in g.seeds)
     log.info("%s; zoo %s: %d training runs (seeds %s), %d validation runs, %d checkpoints each, %d tokens x %d",
-             task.summary(), cfg.paths.checkpoints_dir, train_data.num_runs, _seed_range(train_data.seeds),
-             val_data.num_runs, zoo.times.shape[1], layout.num_tokens, layout.chunk_size)
-    if train_data.num_runs < 128:
+             task.summary(), cfg.paths.checkpoints_dir, train_runs, _seed_range(train_seeds), len(val_seeds),
+             checkpoints, layout.num_tokens, layout.chunk_size)
+    if train_runs < 128:
         log.warning("only %d training runs: expect a generator that generalises poorly to new inits (digits "
                     "MLP, 4 steps: 28 runs -> ~55%% test accuracy, 252 -> ~80%%, 1020 -> ~86%%); build more "
-                    "with `synthnet zoo zoo.runs=1024` (about a minute)", train_data.num_runs)
+                    "with `synthnet zoo zoo.runs=1024` (about a minute)", train_runs)
 
-    path = generator_path(cfg, cfg.train.output)
+    path = train_output(cfg, generator_path(cfg, None))
     state_path = resume_path(path)
     fingerprint = hashlib.sha256(json.dumps(
-        [generator_config, method, target_config, task_config, zoo.seeds, int(cfg.seed)], sort_keys=True,
+        [generator_config, method, target_config, task_config, train_seeds + val_seeds, int(cfg.seed)], sort_keys=True,
         default=str).encode()).hexdigest()[:16]
     refuse_to_replace(cfg, path, fingerprint)
     model = build_generator(generator_config, layout).to(device)
@@ -82,30 +113,31 @@ def train_imitation_command(cfg: DictConfig) -> None:
         log.info("generator %s: %d parameters -> %s", generator_config["name"],
                  sum(p.numel() for p in model.parameters()), path)
 
-    # held-out evaluation: networks generated from the validation runs' inits, scored on the val split
+    # held-out evaluation: networks generated from the validation runs' inits (every architecture of a family
+    # zoo), scored on the val split; means over all validation runs
     steps = int(cfg.generate.steps)
     x_val, y_val = task.x_val.to(device), task.y_val.to(device)
-    template = template.to(device)
-    val_inits = val_data.tokens[:, 0].to(device) if val_data.num_runs else None
-    sgd_val = (float(accuracy_and_loss(template, {k: v.to(device) for k, v in
-                                                  detokenize(val_data.tokens[:, -1], layout).items()},
-                                       x_val, y_val)[0].mean()) if val_inits is not None else None)
+    scored = [(member.to(device), group) for member, group in zip(templates, val_groups) if group.num_runs]
+    sgd_val = (float(torch.cat([accuracy_and_loss(member, {k: v.to(device) for k, v in detokenize(
+        group.tokens[:, -1], group.layout).items()}, x_val, y_val)[0] for member, group in scored]).mean())
+        if scored else None)
 
     def evaluate(ema_model) -> dict[str, float]:
-        if val_inits is None:
+        if not scored:
             return {}
-        with torch.no_grad():
-            result = sample(ema_model, val_inits, layout.to(device), steps)
-        stacked = detokenize(result.final, layout)
-        accuracy = accuracy_and_loss(template, stacked, x_val, y_val)[0]
-        return {f"val_accuracy_{steps}_steps": float(accuracy.mean()), "val_accuracy_sgd": sgd_val}
+        accuracies = []
+        for member, group in scored:
+            with torch.no_grad():
+                result = sample(ema_model, group.tokens[:, 0].to(device), group.layout.to(device), steps)
+            accuracies.append(accuracy_and_loss(member, detokenize(result.final, group.layout), x_val, y_val)[0])
+        return {f"val_accuracy_{steps}_steps": float(torch.cat(accuracies).mean()), "val_accuracy_sgd": sgd_val}
 
     on_metrics, writer = metrics_log(cfg, path, start_step, "imitation") if main else (None, None)
 
     extra = {"method": method["name"], "method_config": method, "fingerprint": fingerprint,
              "steps": settings.steps, "input_shape": list(task.input_shape), "num_classes": task.num_classes,
              "num_tokens": layout.num_tokens, "zoo": str(cfg.paths.checkpoints_dir),
-             "train_seeds": train_data.seeds, "val_seeds": val_data.seeds}
+             "train_seeds": train_seeds, "val_seeds": val_seeds}
 
     def on_save(state: TrainState) -> None:
         # the generator file is written once, finished; until then only the resume state exists
@@ -120,7 +152,7 @@ def train_imitation_command(cfg: DictConfig) -> None:
         elif state_path.exists():
             state_path.unlink()
 
-    metrics = train_imitation(model, optimizer, train_data, settings, ema=ema, val_data=val_data,
+    metrics = train_imitation(model, optimizer, train_groups, settings, ema=ema, val_data=val_groups,
                               start_step=start_step, evaluate=evaluate, on_metrics=on_metrics,
                               on_save=on_save if main else None,
                               progress=bool(cfg.progress))

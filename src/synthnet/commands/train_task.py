@@ -10,9 +10,10 @@ the task's **training** split; selection and early stopping use networks generat
 collapses into one network for every init (the evaluation flags it). ``method.start=fresh`` starts
 from a fresh generator and anchors to it: its output is its input, so that anchor ties each
 output to its own init (for targets whose imitation generator is too poor to start from).
-``method.family_widths`` / ``method.family_depths`` (with ``method.start=fresh``) train over a family of
-architectures: each step draws its own member (:func:`synthnet.targets.family_member`), and validation
-averages over four members.
+``method.family_widths`` / ``method.family_depths`` train over a family of architectures: each step draws its
+own member (:func:`synthnet.targets.family_member`), and validation averages over four members. They start
+fresh (``method.start=fresh``) or from an imitation generator trained on a zoo over the same family
+(``zoo.family_widths`` / ``zoo.family_depths``).
 
 Writes ``train.output`` or ``<generator>-task.safetensors`` (``-task-scratch`` for the
 ablation) once, at the end, with ``finished: true`` and the selected step in its header;
@@ -39,20 +40,23 @@ from synthnet.errors import SynthNetError
 log = logging.getLogger("synthnet")
 
 def task_path(cfg: DictConfig) -> Path:
-    """``train.output`` or ``<generators_dir>/<generator>-task[-scratch].safetensors``."""
-    if cfg.train.output:
-        return Path(cfg.train.output)
+    """``train.output`` (:func:`synthnet.commands.artifacts.train_output`) or
+    ``<generators_dir>/<generator>-task[-scratch|-fresh].safetensors``."""
+    from synthnet.commands.artifacts import train_output
+
     suffix = "-scratch" if cfg.method.get("from_scratch") else "-fresh" if cfg.method.get("start") == "fresh" else ""
-    return Path(cfg.paths.generators_dir) / f"{cfg.generator.name}-task{suffix}.safetensors"
+    return train_output(cfg, Path(cfg.paths.generators_dir) / f"{cfg.generator.name}-task{suffix}.safetensors")
 
 
 def train_task_command(cfg: DictConfig) -> Path:
     from synthnet.commands.artifacts import (load_resume_state, metrics_log, refuse_to_replace, resume_path,
                                              save_resume_state)
+    from synthnet.commands.artifacts import imitation_path
     from synthnet.commands.train_imitation import ensure_imitation
     from synthnet.generation import check_layout, init_tokens, target_layout
     from synthnet.targets import architecture_tag, family_member
-    from synthnet.generators import build_generator, check_generator_matches, load_generator, save_generator
+    from synthnet.generators import (build_generator, check_generator_matches, family_of, load_generator,
+                                     save_generator)
     from synthnet.methods.imitation import EMA
     from synthnet.methods.task import TaskSettings, TaskState, step_seeds, train_task, validation_metrics
     from synthnet.storage import read_metadata
@@ -79,13 +83,12 @@ def train_task_command(cfg: DictConfig) -> Path:
     widths, depths = [int(w) for w in method["family_widths"]], [int(d) for d in method["family_depths"]]
     family = bool(widths or depths)
     if family:
-        if not (from_scratch or start == "fresh"):
-            raise SynthNetError("method.family_widths / family_depths train from a new generator: add "
-                                "method.start=fresh (imitation over mixed architectures is not built)")
         if cfg.generator.name == "flat_mlp":
             raise SynthNetError("generator=flat_mlp reads one vector of fixed length and cannot train over a family "
                                 "of architectures")
         family_member(target_config, widths, depths, 0)  # a target without families is refused here
+        if not (from_scratch or start == "fresh") and not method.get("source") and not imitation_path(cfg).exists():
+            _check_family_zoo(cfg, widths, depths)  # before imitation trains on a zoo that cannot serve the family
     if from_scratch or start == "fresh":
         source, reference, generator_config, chunk_size, source_fingerprint = None, None, container(cfg.generator), \
             int(cfg.generator.get("chunk_size", 64)), None
@@ -93,6 +96,12 @@ def train_task_command(cfg: DictConfig) -> Path:
         source = ensure_imitation(cfg)
         loaded = load_generator(source, device)
         check_generator_matches(source, loaded, target_config, task_config)
+        if family and [sorted(v) for v in family_of(loaded.metadata)] != [sorted(widths), sorted(depths)]:
+            trained = family_of(loaded.metadata)
+            raise SynthNetError(f"{source} was trained over widths {trained[0] or 'none'} and depths "
+                                f"{trained[1] or 'none'}, not the family method.family_widths={widths} "
+                                f"method.family_depths={depths}: train its imitation on a zoo over that family "
+                                f"(zoo.family_widths / zoo.family_depths), or add method.start=fresh")
         generator_config, chunk_size = loaded.config, loaded.chunk_size
         if generator_config != container(cfg.generator):
             raise SynthNetError(f"{source} was trained with other generator settings than generator="
@@ -229,3 +238,19 @@ def train_task_command(cfg: DictConfig) -> Path:
               f"best val accuracy {state.best_score:.4f} at step {state.best_step} of {state.step}"
               f"{' (early stop)' if state.stopped_early else ''}")
     return path
+
+
+def _check_family_zoo(cfg: DictConfig, widths: list[int], depths: list[int]) -> None:
+    """A family trained from imitation needs the imitation of a zoo over that same family."""
+    from synthnet.methods.data import zoo_architectures
+
+    try:
+        _, family = zoo_architectures(cfg.paths.checkpoints_dir)
+    except SynthNetError:
+        family = None
+    if family is None or sorted(family["widths"]) != sorted(widths) or sorted(family["depths"]) != sorted(depths):
+        raise SynthNetError(f"method.family_widths={widths} / family_depths={depths} start from an imitation generator "
+                            f"of a zoo over the same family, and {cfg.paths.checkpoints_dir} holds none: build it with "
+                            f"`synthnet zoo zoo.family_widths={widths} zoo.family_depths={depths}`, or add "
+                            f"method.start=fresh")
+

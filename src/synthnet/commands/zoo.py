@@ -28,15 +28,23 @@ def zoo_command(cfg: DictConfig) -> None:
     recipe = Recipe(**{f.name: cfg.zoo[f.name] for f in dataclasses.fields(Recipe)})
     task = build_task(container(cfg.task), cfg.paths.data_dir)
     model = build_target(container(cfg.target), task.input_shape, task.num_classes).to(torch.device(cfg.device))
-    per_run = steps_per_epoch(task, recipe) * recipe.epochs // (recipe.checkpoint_every or steps_per_epoch(task, recipe)) + 2
-    check_files_on_disk(cfg, f"zoo.runs={runs} ({per_run} checkpoints a run)", runs * per_run,
-                        sum(p.numel() for p in model.parameters()), cfg.paths.checkpoints_dir)
-    spec = ZooSpec(container(cfg.target), container(cfg.task), recipe)
+    spec = ZooSpec(container(cfg.target), container(cfg.task), recipe,
+                   tuple(int(w) for w in cfg.zoo.family_widths), tuple(int(d) for d in cfg.zoo.family_depths))
     seeds = list(range(first_seed, first_seed + runs))
+    largest = sum(p.numel() for p in model.parameters())
+    if spec.is_family:  # every member the seeds pick is checked (a target without families is refused) and sized
+        with torch.device("meta"):
+            members = {repr(sorted(spec.run_target(s).items())): spec.run_target(s) for s in seeds}
+            largest = max(sum(p.numel() for p in build_target(c, task.input_shape, task.num_classes).parameters())
+                          for c in members.values())
+    per_run = steps_per_epoch(task, recipe) * recipe.epochs // (recipe.checkpoint_every or steps_per_epoch(task, recipe)) + 2
+    check_files_on_disk(cfg, f"zoo.runs={runs} ({per_run} checkpoints a run)", runs * per_run, largest,
+                        cfg.paths.checkpoints_dir)
     rank, world_size = distributed.setup(cfg.device)
     start = time.perf_counter()
     if rank == 0:
-        log.info("%s; zoo of %d runs -> %s", task.summary(), runs, cfg.paths.checkpoints_dir)
+        log.info("%s; zoo of %d runs%s -> %s", task.summary(), runs,
+                 f" over {len(members)} architectures of a family" if spec.is_family else "", cfg.paths.checkpoints_dir)
     result = build_zoo(model=model, spec=spec, task=task, seeds=seeds, checkpoints_dir=cfg.paths.checkpoints_dir,
                        group_size=cfg.zoo.group_size or default_group_size(model), rank=rank, world_size=world_size,
                        progress=cfg.progress and rank == 0)

@@ -150,7 +150,13 @@ def _zoo_schema() -> type:
         ("first_seed", int, option(0, "seeds are first_seed .. first_seed + runs - 1", low=0))]
     after = [("group_size", Optional[int], option(None, "runs trained together as one vmapped computation; null = "
                                                         "8 for MLPs, 1 for CNNs (bench/zoo_speed.py: vmap pays 13x "
-                                                        "for MLPs, loses for convs)", low=1))]
+                                                        "for MLPs, loses for convs)", low=1)),
+             ("family_widths", list[int], option([], "a zoo over a family of architectures: each run's hidden widths "
+                                                    "(mlp: target.hidden entries; cnn: target.channels) drawn from "
+                                                    "this list by its seed, its own config in its header; [] = no "
+                                                    "family", low=1, high=1 << 16, each=True)),
+             ("family_depths", list[int], option([], "... and its number of those layers from this list", low=1,
+                                                    high=64, each=True))]
     return structured("Zoo", None, Recipe, before=before, after=after,
                       doc="`synthnet zoo`: the training runs the generator learns from.")
 
@@ -162,7 +168,8 @@ Zoo = _zoo_schema()
 class Train:
     """``synthnet train``: where the generator goes and what happens to an earlier one."""
 
-    output: Optional[str] = option(None, "generator file; null = ${paths.generators_dir}/"
+    output: Optional[str] = option(None, "generator file; a bare file name goes in ${paths.generators_dir}, a path "
+                                         "with a folder is taken as it is; null = ${paths.generators_dir}/"
                                          "{generator.name}-{method.name}.safetensors")
     resume: bool = option(True, "continue from the last save (same settings), skip if already trained")
     overwrite: bool = option(False, "replace a finished generator trained with other settings (else: refused)")
@@ -283,7 +290,8 @@ def _method_schemas() -> dict[str, type]:
                                                       "target.channels) from this list; [] = no family",
                                                       low=1, high=1 << 16, each=True)),
                ("family_depths", list[int], option([], "... and the number of those layers from this list "
-                                                      "(needs method.start=fresh)", low=1, high=64, each=True)),
+                                                      "(method.start=fresh, or imitation on a zoo over the same "
+                                                      "family)", low=1, high=64, each=True)),
                stage],
         doc="Task loss: train the generator through the networks it generates (imitation first).")
     es_hints = typing.get_type_hints(ESSettings)

@@ -44,16 +44,43 @@ class ZooTokens:
                          self.task_config)
 
 
+def zoo_architectures(checkpoints_dir: str | Path) -> tuple[dict[str, tuple[dict, list[int]]], dict | None]:
+    """The architectures of a zoo's runs from their last checkpoints' headers: ``({key: (target config,
+    seeds)}, family)``, where ``family`` is the ``{"base", "widths", "depths"}`` of a family zoo (``zoo.family_*``)
+    and None for a zoo of one target. Keys are in order of first seed."""
+    runs = list_runs(checkpoints_dir)
+    if not runs:
+        raise SynthNetError(f"no zoo in {checkpoints_dir}; build it first with `synthnet zoo` "
+                            f"(same target=, task= and paths.root= overrides)")
+    groups: dict[str, tuple[dict, list[int]]] = {}
+    families = set()
+    for seed, files in sorted(runs.items()):
+        meta = checkpoint_header(files[-1])
+        config = dict(meta["target_config"])
+        groups.setdefault(repr(sorted(config.items())), (config, []))[1].append(seed)
+        families.add(repr(meta.get("family")))
+    if len(families) > 1:
+        raise SynthNetError(f"the zoo in {checkpoints_dir} mixes runs of different families (zoo.family_*); "
+                            f"one zoo folder holds one family")
+    family = checkpoint_header(next(iter(runs.values()))[-1]).get("family")
+    if family is not None and not (isinstance(family, dict) and isinstance(family.get("base"), dict)
+                                   and all(isinstance(family.get(k), list) for k in ("widths", "depths"))):
+        raise SynthNetError(f"the zoo in {checkpoints_dir} has a malformed 'family' in its headers: {family!r}")
+    return groups, family
+
+
 def load_zoo_tokens(checkpoints_dir: str | Path, layout: TokenLayout, specs: Sequence[LayerSpec],
                     expected: Mapping[str, torch.Tensor], *, target_config: Mapping | None = None,
-                    max_runs: int | None = None) -> ZooTokens:
-    """Read every run of the zoo at ``checkpoints_dir`` into memory as tokens.
+                    max_runs: int | None = None, seeds: Sequence[int] | None = None) -> ZooTokens:
+    """Read every run of the zoo at ``checkpoints_dir`` (or the runs of ``seeds``) into memory as tokens.
 
     ``expected`` (a state dict of the target) checks names and shapes; ``target_config``,
     when given, must match the zoo's headers. Runs must share their checkpoint steps;
     runs with fewer checkpoints than the most common count (interrupted) are skipped.
     """
     runs = list_runs(checkpoints_dir)
+    if seeds is not None:
+        runs = {s: files for s, files in runs.items() if s in set(seeds)}
     if not runs:
         raise SynthNetError(f"no zoo in {checkpoints_dir}; build it first with `synthnet zoo` "
                             f"(same target=, task= and paths.root= overrides)")

@@ -289,8 +289,13 @@ class TrainState:
     metrics: dict[str, Any]
 
 
-def train_imitation(model: nn.Module, optimizer: torch.optim.Optimizer, data: ZooTokens, settings: ImitationSettings,
-                    *, ema: EMA, val_data: ZooTokens | None = None, start_step: int = 0,
+def _groups(data: ZooTokens | Sequence[ZooTokens] | None) -> list[ZooTokens]:
+    return [] if data is None else [data] if isinstance(data, ZooTokens) else [d for d in data if d.num_runs]
+
+
+def train_imitation(model: nn.Module, optimizer: torch.optim.Optimizer, data: ZooTokens | Sequence[ZooTokens],
+                    settings: ImitationSettings, *, ema: EMA,
+                    val_data: ZooTokens | Sequence[ZooTokens] | None = None, start_step: int = 0,
                     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
                     on_metrics: Callable[[int, dict[str, Any]], None] | None = None,
                     on_save: Callable[[TrainState], None] | None = None, progress: bool = False) -> dict[str, Any]:
@@ -302,10 +307,18 @@ def train_imitation(model: nn.Module, optimizer: torch.optim.Optimizer, data: Zo
     only rank 0 evaluates. ``evaluate(ema_model)`` (e.g. accuracy of
     networks generated from held-out inits) and the validation loss run every ``eval_every``
     steps; ``on_save`` is called every ``save_every`` steps and at the end.
+
+    ``data`` may be several zoos of one architecture each (a family zoo, grouped by layout): every
+    step draws one group, with odds proportional to its runs, and its whole batch comes from it;
+    the validation losses are the run-weighted means over the groups of ``val_data``.
     """
     device = next(model.parameters()).device
-    layout = data.layout.to(device)
-    value_weights = layer_value_weights(data.layout).to(device)
+    groups, val_groups = _groups(data), _groups(val_data)
+    if not groups:
+        raise SynthNetError("imitation has no training runs")
+    layouts = [g.layout.to(device) for g in groups]
+    weights = [layer_value_weights(g.layout).to(device) for g in groups]
+    odds = torch.tensor([float(g.num_runs) for g in groups])
     base_lrs = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
     for group, lr in zip(optimizer.param_groups, base_lrs):
         group["initial_lr"] = lr
@@ -323,6 +336,8 @@ def train_imitation(model: nn.Module, optimizer: torch.optim.Optimizer, data: Zo
         factor = lr_factor(step, settings.steps, settings.warmup_steps, settings.min_lr_ratio)
         for group, lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = lr * factor
+        k = 0 if len(groups) == 1 else int(torch.multinomial(odds, 1, generator=generator))  # same on every rank
+        data, layout, value_weights = groups[k], layouts[k], weights[k]
         batch = shard_batch(make_batch(data, settings, generator, device))
         optimizer.zero_grad(set_to_none=True)
         loss, mse = backward_in_slices(model, batch, layout, value_weights, settings.slice_tokens, step)
@@ -361,8 +376,11 @@ def train_imitation(model: nn.Module, optimizer: torch.optim.Optimizer, data: Zo
                 on_metrics(done, metrics)
         if main and (done % settings.eval_every == 0 or done == settings.steps):
             evaluation: dict[str, Any] = {}
-            if val_data is not None and val_data.num_runs:
-                evaluation.update(validation_loss(ema.model, val_data, layout, value_weights, device))
+            if val_groups:
+                parts = [(validation_loss(ema.model, g, g.layout.to(device), layer_value_weights(g.layout).to(device),
+                                          device), g.num_runs) for g in val_groups]
+                total = sum(n for _, n in parts)
+                evaluation.update({key: sum(part[key] * n for part, n in parts) / total for key in parts[0][0]})
             if evaluate is not None:
                 evaluation.update(evaluate(ema.model))
             if evaluation:

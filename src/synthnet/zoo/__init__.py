@@ -9,6 +9,11 @@ Each file's header holds the target name and config, the task, the seed, the ste
 epoch, the train loss, validation loss and accuracy, test loss and accuracy, the recipe
 and the package version. A run counts as complete when its final checkpoint exists with
 the same target, task and recipe; re-running skips it.
+
+A zoo over a **family of architectures** (``zoo.family_widths`` / ``zoo.family_depths``) lives in
+the same folder: each run's architecture is the family member its seed picks
+(:func:`synthnet.targets.family_member`), its header's ``target_config`` is that member's, and
+``family`` records the base config and the widths and depths drawn from.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -28,7 +32,7 @@ from synthnet import __version__
 from synthnet.errors import SynthNetError
 from synthnet.storage import read_metadata, save_state_dict
 from synthnet.tasks import Task
-from synthnet.targets import init_state_dict
+from synthnet.targets import build_target, family_member, init_state_dict
 from synthnet.zoo.training import Checkpoint, Recipe, steps_per_epoch, train_runs
 
 _STEP_FILE = re.compile(r"step_(\d+)\.safetensors$")
@@ -67,10 +71,27 @@ class ZooSpec:
     target_config: dict
     task_config: dict
     recipe: Recipe
+    family_widths: tuple[int, ...] = ()  # a family zoo: each run's widths drawn from these by its seed
+    family_depths: tuple[int, ...] = ()  # ... and its number of layers from these
 
-    def provenance(self) -> dict[str, Any]:
-        return {"target": self.target_config["name"], "target_config": self.target_config,
-                "task": self.task_config["name"], "task_config": self.task_config, "recipe": asdict(self.recipe)}
+    @property
+    def is_family(self) -> bool:
+        return bool(self.family_widths or self.family_depths)
+
+    def run_target(self, seed: int) -> dict:
+        """The target config of run ``seed``: the target itself, or the family member its seed picks."""
+        if not self.is_family:
+            return self.target_config
+        return family_member(self.target_config, self.family_widths, self.family_depths, int(seed))
+
+    def provenance(self, seed: int | None = None) -> dict[str, Any]:
+        out = {"target": self.target_config["name"],
+               "target_config": self.target_config if seed is None else self.run_target(seed),
+               "task": self.task_config["name"], "task_config": self.task_config, "recipe": asdict(self.recipe)}
+        if self.is_family:
+            out["family"] = {"base": self.target_config, "widths": list(self.family_widths),
+                             "depths": list(self.family_depths)}
+        return out
 
 
 MAX_HEADER_EPOCHS = 10_000  # a recipe read from a header beyond this is refused, not trusted
@@ -141,9 +162,10 @@ def recipe_from_header(recipe: Any, path: str | Path) -> dict[str, Any]:
     return dict(recipe)
 
 
-def _matches(metadata: Mapping[str, Any], spec: ZooSpec) -> bool:
-    wanted = spec.provenance()
-    return all(metadata.get(key) == value for key, value in wanted.items())
+def _matches(metadata: Mapping[str, Any], spec: ZooSpec, seed: int) -> bool:
+    wanted = spec.provenance(seed)
+    return all(metadata.get(key) == value for key, value in wanted.items()) and \
+        ("family" in metadata) == spec.is_family
 
 
 def completed_seeds(checkpoints_dir: str | Path, seeds: Sequence[int], spec: ZooSpec, final_step: int) -> list[int]:
@@ -166,8 +188,8 @@ def completed_seeds(checkpoints_dir: str | Path, seeds: Sequence[int], spec: Zoo
             logging.getLogger("synthnet").warning("zoo run %d is damaged (%s); training it again", seed, exc)
             continue
         metadata = checkpoint_header(path)  # a whole file with a bad header is refused, never overwritten
-        if not _matches(metadata, spec):
-            raise SynthNetError(f"{path} was made with a different target, task or recipe; "
+        if not _matches(metadata, spec, seed):
+            raise SynthNetError(f"{path} was made with a different target, task, recipe or family; "
                                 f"choose another paths.root or remove {Path(checkpoints_dir)}")
         if runs.get(int(seed), [None])[0] is None or step_of(runs[int(seed)][0]) != 0:
             logging.getLogger("synthnet").warning("zoo run %d has no step-0 checkpoint; training it again", seed)
@@ -187,23 +209,26 @@ def build_zoo(*, model: nn.Module, spec: ZooSpec, task: Task, seeds: Sequence[in
               group_size: int = 8, rank: int = 0, world_size: int = 1, progress: bool = True) -> dict[str, Any]:
     """Train the missing runs among ``seeds`` (this rank's share) and write their checkpoints.
 
-    Runs are trained ``group_size`` at a time (one vmapped computation per group). Groups
-    are fixed by the seed list alone and dealt round-robin to ranks, so one process and
-    several write the same files. Returns ``{"trained": [...], "skipped": [...], "seconds": s}``.
+    Runs are trained ``group_size`` at a time (one vmapped computation per group; in a family zoo
+    a group holds runs of one architecture, ``model`` being the target's own). Groups are fixed by
+    the seed list alone and dealt round-robin to ranks, so one process and several write the same
+    files. Returns ``{"trained": [...], "skipped": [...], "seconds": s}``.
     """
     recipe = spec.recipe
     final_step = int(recipe.epochs) * steps_per_epoch(task, recipe)
     skipped = completed_seeds(checkpoints_dir, seeds, spec, final_step)
     todo = [int(s) for s in seeds if int(s) not in set(skipped)]
-    groups = [todo[i:i + group_size] for i in range(0, len(todo), group_size)]
+    by_architecture: dict[str, list[int]] = {}
+    for seed in todo:  # first-seen order: the groups depend on the seed list alone
+        by_architecture.setdefault(repr(sorted(spec.run_target(seed).items())), []).append(seed)
+    groups = [same[i:i + group_size] for same in by_architecture.values() for i in range(0, len(same), group_size)]
     mine = [g for i, g in enumerate(groups) if i % world_size == rank]
-    provenance = spec.provenance()
     start = time.perf_counter()
     bar = tqdm(total=sum(len(g) for g in mine), desc="zoo runs", disable=not progress, leave=False,
                bar_format="{l_bar}{bar}| {n:.1f}/{total} runs [{elapsed}<{remaining}{postfix}]")
 
     def save(checkpoint: Checkpoint) -> None:
-        metadata = {**provenance, "seed": checkpoint.seed, "step": checkpoint.step, "epoch": checkpoint.epoch,
+        metadata = {**spec.provenance(checkpoint.seed), "seed": checkpoint.seed, "step": checkpoint.step, "epoch": checkpoint.epoch,
                     "final": checkpoint.step == final_step, "final_step": final_step,
                     "train_loss": checkpoint.train_loss, "val_loss": checkpoint.val_loss,
                     "val_accuracy": checkpoint.val_accuracy, "test_loss": checkpoint.test_loss,
@@ -211,10 +236,14 @@ def build_zoo(*, model: nn.Module, spec: ZooSpec, task: Task, seeds: Sequence[in
         save_state_dict(checkpoint_path(checkpoints_dir, checkpoint.seed, checkpoint.step), checkpoint.state_dict,
                         metadata)
 
+    device = next(model.parameters()).device
     for group in mine:
-        inits = [init_state_dict(spec.target_config, task.input_shape, task.num_classes, seed) for seed in group]
+        config = spec.run_target(group[0])
+        group_model = model if config == spec.target_config else \
+            build_target(config, task.input_shape, task.num_classes).to(device)
+        inits = [init_state_dict(config, task.input_shape, task.num_classes, seed) for seed in group]
         bar.set_postfix(seeds=f"{group[0]}..{group[-1]}")
-        train_runs(model, inits, group, task, recipe, save,
+        train_runs(group_model, inits, group, task, recipe, save,
                    on_epoch=lambda epoch, n=len(group): bar.update(n / recipe.epochs))
     bar.close()
     return {"trained": [s for g in mine for s in g], "skipped": skipped, "seconds": time.perf_counter() - start}
