@@ -13,17 +13,17 @@ from synthnet.generators import GENERATORS, build_generator, load_generator, sav
 from synthnet.methods.imitation import apply_index, permutation_index
 from synthnet.storage import save_state_dict
 from synthnet.targets import build_target, permute_hidden, random_permutations
-from synthnet.tokenization import token_permutation, tokenize
+from synthnet.tokenization import detokenize, token_permutation, tokenize
 
 TARGET = {"name": "mlp", "hidden": [12, 8], "activation": "relu"}
 TASK = {"name": "digits"}
 SMALL = {"d_model": 32, "num_latents": 8, "num_blocks": 2, "num_heads": 4, "num_experts": 4, "top_k": 2}
 
 
-def _setup(neuron_messages=True, seed=0):
+def _setup(neuron_messages=True, seed=0, **options):
     template, layout = target_layout(TARGET, (1, 8, 8), 10, 16)
     torch.manual_seed(seed)
-    model = build_generator({"name": "perceiver_moe", "neuron_messages": neuron_messages, **SMALL}, layout)
+    model = build_generator({"name": "perceiver_moe", "neuron_messages": neuron_messages, **SMALL, **options}, layout)
     with torch.no_grad():  # leave the identity-at-init state: every path must contribute
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -71,6 +71,31 @@ def test_row_permutation_within_a_hidden_layer_permutes_the_output_exactly():
         out_perm = model(tokens[:, index], *_times(3), layout)
     assert torch.allclose(out_perm, out[:, index], atol=1e-5)
     assert not torch.allclose(out_perm, out, atol=1e-3)  # and it really did move
+
+
+@pytest.mark.parametrize("neuron_messages", [True, False])
+def test_row_mean_scaling_damps_only_the_update_a_neurons_weights_share(neuron_messages):
+    """generator.row_mean_scaling: of each neuron's weight update, the mean over its incoming weights is
+    divided by sqrt(fan_in); what is left of the weights' update and the bias's update is the plain
+    generator's, and a row permutation still permutes the output exactly."""
+    _, layout, plain, tokens, _ = _setup(neuron_messages=neuron_messages)
+    _, _, scaled, _, _ = _setup(neuron_messages=neuron_messages, row_mean_scaling=True)
+    scaled.load_state_dict(plain.state_dict())  # the option adds no parameters: the same generator
+    with torch.no_grad():
+        delta = detokenize(plain(tokens, *_times(3), layout) - tokens, layout)
+        damped = detokenize(scaled(tokens, *_times(3), layout) - tokens, layout)
+    for layer in layout.layers:
+        rows, rows_damped = delta[layer.weight].flatten(2), damped[layer.weight].flatten(2)
+        mean, mean_damped = rows.mean(-1, keepdim=True), rows_damped.mean(-1, keepdim=True)
+        assert mean.abs().max() > 1e-3  # there was a shared part to damp
+        assert torch.allclose(mean_damped, mean / math.sqrt(layer.fan_in), atol=1e-6)
+        assert torch.allclose(rows_damped - mean_damped, rows - mean, atol=1e-6)
+        assert torch.allclose(damped[layer.bias], delta[layer.bias], atol=1e-6)
+    if not neuron_messages:
+        index = token_permutation(layout, [torch.randperm(12), torch.randperm(8)])
+        with torch.no_grad():
+            out = scaled(tokens, *_times(3), layout)
+            assert torch.allclose(scaled(tokens[:, index], *_times(3), layout), out[:, index], atol=1e-5)
 
 
 def test_true_hidden_permutation_is_not_exactly_equivariant():

@@ -100,6 +100,8 @@ _GENERATOR_OPTIONS: dict[str, tuple[str, dict]] = {
     "probes": ("learned probe inputs the generated networks are run on, each neuron described by its responses "
                "(0 = off)", dict(low=0, high=1024)),
     "probe_values": ("values per probe input (at least the task's input size)", dict(low=1, high=1 << 16)),
+    "row_mean_scaling": ("scale the part of a neuron's weight update shared by all its incoming weights by "
+                         "1/sqrt(fan_in) (wide layers: keeps one step from shifting a whole layer below zero)", {}),
     "hidden": ("MLP width", dict(low=1, high=1 << 16)),
     "num_layers": ("hidden layers", dict(low=1, high=1024)),
 }

@@ -190,6 +190,26 @@ def _layer_rows(values: torch.Tensor, layer) -> torch.Tensor:
     return block.reshape(values.shape[0], layer.out_units, layer.chunks_per_row, values.shape[-1])
 
 
+def scale_row_means(delta: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Scale the part of each neuron's weight update that all its incoming weights share (their mean) by
+    ``1 / sqrt(fan_in)``; the rest, the bias and the padding pass unchanged. (B, N, C) -> (B, N, C).
+
+    Moving every incoming weight of a neuron by the same amount shifts its pre-activation by that amount
+    times the sum of its inputs, about ``sqrt(fan_in)`` times more than a random direction of the same size
+    when the inputs are non-negative (after a ReLU). With a wide fan-in that one direction dominates: the
+    PoC CNN's generator moved the second convolution's weights down together until every pre-activation
+    was negative, and nothing below a dead layer receives a gradient again. Row operations only, so a
+    hidden permutation still permutes the output exactly."""
+    pieces = []
+    for layer in layout.layers:
+        rows = _layer_rows(delta, layer).flatten(2)  # (B, out_units, chunks * C)
+        weights = rows[..., :layer.fan_in]
+        shared = weights.mean(-1, keepdim=True) * (1.0 - 1.0 / math.sqrt(layer.fan_in))
+        rows = torch.cat([weights - shared, rows[..., layer.fan_in:]], dim=-1)
+        pieces.append(rows.reshape(delta.shape[0], layer.num_tokens, delta.shape[-1]))
+    return torch.cat(pieces, dim=1)
+
+
 def _connection(layout: TokenLayout, index: int) -> int | None:
     """Input columns per hidden neuron of layer index-1 feeding layer ``index``, or None."""
     if index == 0:
@@ -208,13 +228,14 @@ class PerceiverMoEGenerator(nn.Module):
                  time_dim: int = 64, condition_dim: int = 0, predict: str = "delta", neuron_messages: bool = True,
                  message_rank: int = 32, max_output_units: int = 64, balance_loss_weight: float = 0.01,
                  z_loss_weight: float = 0.001, decoder_depth: int = 1, decoder_messages: bool = False,
-                 probes: int = 0, probe_values: int = 1024):
+                 probes: int = 0, probe_values: int = 1024, row_mean_scaling: bool = False):
         super().__init__()
         if int(decoder_depth) < 1:
             raise SynthNetError(f"generator.decoder_depth must be at least 1, got {decoder_depth}")
         if predict not in ("delta", "direct"):
             raise SynthNetError(f"generator.predict must be 'delta' or 'direct', got '{predict}'")
         self.chunk_size, self.predict = chunk_size, predict
+        self.row_mean_scaling = bool(row_mean_scaling)
         self.neuron_messages = neuron_messages
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
         self.conditioning = TimeConditioning(d_model=d_model, time_dim=time_dim, condition_dim=condition_dim)
@@ -418,6 +439,10 @@ class PerceiverMoEGenerator(nn.Module):
         out = self.head(e)
         if self.neuron_messages:
             out = out + self._edge_update(e, layout)
+        if self.row_mean_scaling:
+            delta = out if self.predict == "delta" else out - tokens
+            delta = scale_row_means(delta * mask, layout)
+            out = delta if self.predict == "delta" else tokens + delta
         if self.predict == "delta":
             out = tokens + out
         return out * mask
