@@ -58,7 +58,7 @@ SETTINGS = [
                                         "zoo.lr=0.001", "zoo.batch_size=64", "evaluate.twin_checkpoints=10"],
      {"generators": [],
       "task": ["method.start=fresh", "generator.row_mean_scaling=true", "method.anchor_weight=0.01",
-               "method.steps=1500", "method.inits_per_step=2", "method.batch_size=128", "method.val_inits=8",
+               "method.steps=3000", "method.inits_per_step=2", "method.batch_size=128", "method.val_inits=8",
                "method.eval_every=100", "method.save_every=100"]}),
 ]
 NEEDS_MNIST = {"mnist-poc_cnn"}  # settings on real MNIST: run only with --mnist-dir
