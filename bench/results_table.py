@@ -1,11 +1,13 @@
-"""The README's main results table: the whole pipeline with fixed seeds on three settings.
+"""The README's main results table: the whole pipeline with fixed seeds on each setting.
 
-For each setting (digits MLP, MNIST-1D MLP, MNIST-1D CNN) this runs, in-process through the
+For each setting (digits MLP, MNIST-1D MLP, MNIST-1D CNN; the PoC CNN on real MNIST with --mnist-dir) this runs, in-process through the
 one CLI entry point, ``synthnet zoo``, ``synthnet train`` for each generator (imitation;
 ``--grpo`` adds GRPO fine-tuning of the first one) and ``synthnet evaluate``, then reads each
 ``report.json`` and writes one table between ``<!-- results:start -->`` and
 ``<!-- results:end -->`` in README.md, with the command that reproduces it and the machine it
-ran on. ``--table-only`` rebuilds the table from existing reports.
+ran on. ``--table-only`` rebuilds the table from existing reports. With ``--settings`` only those settings'
+rows (and stage times) are rewritten; the other settings' rows stay as the README has them, and the
+reproduce paragraph gains a sentence naming the command that redid them.
 
     python bench/results_table.py --root runs/bench            # everything (CPU: tens of minutes)
     python bench/results_table.py --root runs/bench --table-only
@@ -52,14 +54,14 @@ SETTINGS = [
     # (about 35 s wall, 68 s of CPU on 2 threads, a run) serves only the evaluation; no imitation stage (the
     # flat MLP would have 431M parameters; imitation of the MNIST-1D CNN stays at chance), the task loss from a
     # fresh generator (each twin checkpoint is scored on 15,000 images: 10 checkpoints, not 50, keep the twins
-    # under 20 min). generator.row_mean_scaling: without it the generator shifts whole wide layers below zero
+    # under 20 min; a validation pass of 8 inits takes ~38 s, hence every 200 steps). generator.row_mean_scaling: without it the generator shifts whole wide layers below zero
     # and stays at chance
     ("MNIST PoC CNN", "mnist-poc_cnn", ["target=poc_cnn", "task=mnist", "zoo.runs=8", "zoo.epochs=1",
                                         "zoo.lr=0.001", "zoo.batch_size=64", "evaluate.twin_checkpoints=10"],
      {"generators": [],
       "task": ["method.start=fresh", "generator.row_mean_scaling=true", "method.anchor_weight=0.01",
                "method.steps=3000", "method.inits_per_step=2", "method.batch_size=128", "method.val_inits=8",
-               "method.eval_every=100", "method.save_every=100"]}),
+               "method.eval_every=200", "method.save_every=200"]}),
 ]
 NEEDS_MNIST = {"mnist-poc_cnn"}  # settings on real MNIST: run only with --mnist-dir
 
@@ -136,21 +138,50 @@ def _f(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def table(root: Path, command: str, settings: list[str]) -> str:
-    """Markdown for the README from ``<root>/<setting>/reports/report.json``."""
+def kept(block: str, labels: set[str]) -> tuple[dict[str, list[str]], dict[str, list[str]], str, set[str]]:
+    """From the README block as it stands, what a run over other settings leaves alone: the result rows and the
+    stage-time rows of the settings labelled ``labels`` (by label), its reproduce paragraph and its machines."""
+    rows: dict[str, list[str]] = {}
+    stage_rows: dict[str, list[str]] = {}
+    reproduce, machines, in_stages = "", set(), False
+    for line in block.splitlines():
+        if line.startswith("| setting | stages |"):
+            in_stages = True
+        elif line.startswith("| ") and line.count("|") > 2:
+            label = line.split("|")[1].strip()
+            if label in labels:
+                # a row with only the setting and one cell of stage times belongs to the stage table
+                target = stage_rows if in_stages or line.count("|") == 3 else rows
+                target.setdefault(label, []).append(line)
+        elif line.startswith("Reproduce"):
+            reproduce = line
+        elif line.startswith("Machine: "):
+            machines.update(line.removeprefix("Machine: ").split("; "))
+    return rows, stage_rows, reproduce, machines
+
+
+def table(root: Path, command: str, settings: list[str], previous: str = "") -> str:
+    """Markdown for the README from ``<root>/<setting>/reports/report.json``. The rows of settings not in
+    ``settings`` are kept from ``previous`` (the block as it stands), so ``--settings`` redoes only its own."""
+    others = {label for label, folder, _, _ in SETTINGS if folder not in settings}
+    old_rows, old_stage_rows, old_reproduce, machines = kept(previous, others)
+    if not old_rows:  # nothing kept: the machines are this run's alone
+        machines = set()
+    ran = [label for label, folder, _, _ in SETTINGS if folder in settings]
     from synthnet.evaluation.report import HEADLINE_COLUMNS, headline_cells
 
     extra = ["90% pruned test accuracy", "int4 test accuracy"]
-    lines = ["| setting | networks | test accuracy | " + " | ".join(HEADLINE_COLUMNS + extra) + " |",
-             "|---" * (len(HEADLINE_COLUMNS) + len(extra) + 3) + "|"]
+    header = ["| setting | networks | test accuracy | " + " | ".join(HEADLINE_COLUMNS + extra) + " |",
+              "|---" * (len(HEADLINE_COLUMNS) + len(extra) + 3) + "|"]
+    new_rows: dict[str, list[str]] = {}
 
     def compressed(row: dict) -> list[str]:  # the 90%-pruned and int4 cells ("" where the report lacks them)
         pruned = (row.get("pruned_test_accuracy") or {}).get("0.9")
         quantized = (row.get("quantized_test_accuracy") or {}).get("int4")
         return ["" if pruned is None else _f(pruned["mean"]), "" if quantized is None else _f(quantized["mean"])]
 
-    machines = set()
     for label, folder, _, _ in [s for s in SETTINGS if s[1] in settings]:
+        lines = new_rows.setdefault(label, [])
         path = root / folder / "reports" / "report.json"
         if not path.is_file():
             raise SystemExit(f"results_table: no report at {path}; run without --table-only first")
@@ -173,6 +204,11 @@ def table(root: Path, command: str, settings: list[str]) -> str:
                              f"{_f((row.get('at_sgd_accuracy') or {}).get('novelty_ratio'))} "
                              f"| {_f(row['nearest_zoo_distance_aligned']['mean'] / twins['nearest_zoo_distance_aligned']['mean'])} "
                              f"| | {_f(row['diversity_disagreement'] / twins['diversity_disagreement'])} | | | | | |")
+    lines = header + [row for label, *_ in SETTINGS for row in new_rows.get(label, old_rows.get(label, []))]
+    if old_rows and old_reproduce:
+        reproduce = f"{old_reproduce} The {', '.join(ran)} rows were then redone with `{command}`."
+    else:
+        reproduce = f"Reproduce: `{command}`"
     lines += ["", "Ratios are generated / SGD twin (twins: the target trained with the zoo's recipe from the same "
               "inits, as the zoo trains it). Novelty ratio (max error-set IoU with any zoo final) below 1: fewer test "
               "errors shared with the zoo than an independent SGD run. Less accurate networks share fewer errors "
@@ -184,14 +220,16 @@ def table(root: Path, command: str, settings: list[str]) -> str:
               "generation seconds per network, both from the inits in hand (above 1: generating is faster). "
               "Pruned: the smallest 90% of each network's weights zeroed (global magnitude, exact count; the twins "
               "pruned post hoc the same way); int4: round to nearest, one scale per output channel.", "",
-              f"Reproduce: `{command}`", "", f"Machine: {'; '.join(sorted(machines))}"]
+              reproduce, "", f"Machine: {'; '.join(sorted(machines))}"]
     stage_rows = []
-    for label, folder, _, _ in [s for s in SETTINGS if s[1] in settings]:
+    for label, folder, _, _ in SETTINGS:
         path = root / folder / "stage_times.json"
-        if path.is_file():
+        if folder in settings and path.is_file():
             stages = json.loads(path.read_text())
             stage_rows.append(f"| {label} | " + ", ".join(f"{name} {t['cpu_s']:.0f} ({t['wall_s']:.0f})"
                                                          for name, t in stages.items()) + " |")
+        elif folder not in settings:
+            stage_rows += old_stage_rows.get(label, [])
     if stage_rows:
         lines += ["", "CPU seconds of each stage, all threads (wall seconds in brackets), from the same run:", "",
                   "| setting | stages |", "|---|---|", *stage_rows]
@@ -252,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n=== {label} ===", flush=True)
                 pipeline(args.root, folder, overrides, stage_overrides, args)
     command = "python bench/results_table.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    write_readme(args.readme, table(args.root, command.strip(), args.settings))
+    block = readme_text.split(START)[1].split(END)[0]
+    write_readme(args.readme, table(args.root, command.strip(), args.settings, block))
     print(f"results table written to {args.readme}")
     return 0
 

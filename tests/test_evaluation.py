@@ -379,6 +379,25 @@ def test_results_table_needs_markers_and_fills_them(tmp_path):
     assert "old" not in text and text.startswith("# title\n") and text.endswith(f"{bench.END}\ntail\n")
     assert "| digits MLP | g | 0.900 ± 0.010 | 0.500 |" in text and "(insensitive)" in text
     assert "Machine: test machine" in text and "Reproduce: `python bench/results_table.py" in text
+    # --settings over another setting rewrites only that setting's rows and keeps the others as they stand
+    (tmp_path / "mnist1d-mlp" / "reports").mkdir(parents=True)
+    (tmp_path / "mnist1d-mlp" / "reports" / "report.json").write_text(json.dumps(
+        {**report, "header": {"machine": "other machine"}}))
+    (tmp_path / "mnist1d-mlp" / "stage_times.json").write_text(json.dumps({"zoo": {"cpu_s": 7.0, "wall_s": 4.0}}))
+    assert bench.main(["--readme", str(readme), "--table-only", "--root", str(tmp_path),
+                       "--settings", "mnist1d-mlp"]) == 0
+    merged = readme.read_text()
+    assert "| digits MLP | g | 0.900 ± 0.010 | 0.500 |" in merged and "| MNIST-1D MLP | g | 0.900" in merged
+    assert merged.index("| digits MLP | g |") < merged.index("| MNIST-1D MLP | g |")
+    assert merged.count("| digits MLP | g |") == 1 and merged.count("| MNIST-1D MLP | g |") == 1
+    assert "| MNIST-1D MLP | zoo 7 (4) |" in merged and "Machine: other machine; test machine" in merged
+    assert "The MNIST-1D MLP rows were then redone with `python bench/results_table.py" in merged
+    # rows of every setting in the table redone: nothing kept, the reproduce line is this command alone
+    assert bench.main(["--readme", str(readme), "--table-only", "--root", str(tmp_path),
+                       "--settings", "digits-mlp", "mnist1d-mlp"]) == 0
+    redone = readme.read_text()
+    assert "were then redone" not in redone and redone.count("| digits MLP | g |") == 1
+    assert "Reproduce: `python bench/results_table.py --readme" in redone
 
 
 def test_cnn_end_to_end_through_evaluate(tmp_path, capsys):
