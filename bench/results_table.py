@@ -54,8 +54,8 @@ SETTINGS = [
     # (about 35 s wall, 68 s of CPU on 2 threads, a run) serves only the evaluation; no imitation stage (the
     # flat MLP would have 431M parameters; imitation of the MNIST-1D CNN stays at chance), the task loss from a
     # fresh generator (each twin checkpoint is scored on 15,000 images: 10 checkpoints, not 50, keep the twins
-    # under 20 min; a validation pass of 8 inits takes ~38 s, hence every 200 steps). generator.row_mean_scaling: without it the generator shifts whole wide layers below zero
-    # and stays at chance
+    # under 20 min; a validation pass of 8 inits takes ~38 s, hence every 200 steps). generator.row_mean_scaling:
+    # without it the generator shifts whole wide layers below zero and stays at chance
     ("MNIST PoC CNN", "mnist-poc_cnn", ["target=poc_cnn", "task=mnist", "zoo.runs=8", "zoo.epochs=1",
                                         "zoo.lr=0.001", "zoo.batch_size=64", "evaluate.twin_checkpoints=10"],
      {"generators": [],
