@@ -147,8 +147,9 @@ def train_task_command(cfg: DictConfig) -> Path:
                  state.best_step)
     else:
         log.info("task loss: %s from %s, %d steps x %d inits x %d examples, %d generation steps, anchor %.3g -> %s",
-                 generator_config["name"], source or "scratch", settings.steps, settings.inits_per_step,
-                 settings.batch_size, settings.generation_steps, settings.anchor_weight, path)
+                 generator_config["name"], source or ("scratch" if from_scratch else "a fresh generator"),
+                 settings.steps, settings.inits_per_step, settings.batch_size, settings.generation_steps,
+                 settings.anchor_weight, path)
 
     architectures: dict[str, tuple] = {}
 
