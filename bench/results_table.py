@@ -81,11 +81,24 @@ def run(argv: list[str]) -> None:
         raise SystemExit(f"results_table: `synthnet {shlex.join(argv)}` failed with exit code {code}")
 
 
-def timed(times: dict[str, dict[str, float]], stage: str, argv: list[str]) -> None:
-    """``run(argv)`` and record its wall and CPU seconds (all threads of this process) under ``stage``."""
+def _newest(folder: Path) -> float:
+    return max((f.stat().st_mtime for f in folder.rglob("*") if f.is_file()), default=0.0)
+
+
+def timed(times: dict[str, dict[str, float]], stage: str, argv: list[str], output: Path | None = None) -> None:
+    """``run(argv)`` and record its wall and CPU seconds (all threads of this process) under ``stage``.
+
+    With ``output`` (the folder the stage writes to): a stage that wrote nothing there (the CLI found the work
+    done) records nothing, so its last real time stands; one that found resumable state in ``output/resume``
+    is marked ``resumed`` (its seconds cover only the part after the resume)."""
+    before = _newest(output) if output is not None and output.is_dir() else None
+    resumed = output is not None and any((output / "resume").glob("*.safetensors"))
     wall, cpu = time.perf_counter(), time.process_time()
     run(argv)
-    times[stage] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+    if before is not None and _newest(output) == before:
+        return
+    times[stage] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1),
+                    **({"resumed": True} if resumed else {})}
 
 
 def pipeline(root: Path, folder: str, overrides: list[str], stage_overrides: dict[str, list[str]],
@@ -100,7 +113,9 @@ def pipeline(root: Path, folder: str, overrides: list[str], stage_overrides: dic
     imitation_overrides = stage_overrides.get("imitation", [])
     task_overrides = stage_overrides.get("task", []) + [f"method.imitation.{o.removeprefix('method.')}"
                                                          for o in imitation_overrides]
-    timed(times, "zoo", ["zoo", *overrides, *common, *([f"zoo.runs={args.runs}"] if args.runs else [])])
+    generators_dir = root / folder / "generators"
+    timed(times, "zoo", ["zoo", *overrides, *common, *([f"zoo.runs={args.runs}"] if args.runs else [])],
+          root / folder / "checkpoints")
     if args.grpo_only:
         args = argparse.Namespace(**{**vars(args), "generators": [], "no_task": True, "scratch": False,
                                      "grpo": True})
@@ -110,15 +125,16 @@ def pipeline(root: Path, folder: str, overrides: list[str], stage_overrides: dic
     if not args.skip_train:
         for generator in generators:
             timed(times, f"{generator} imitation", ["train", *overrides, *common, f"generator={generator}",
-                                                    "method=imitation", *imitation_overrides])
+                                                    "method=imitation", *imitation_overrides], generators_dir)
         first = generators[0] if generators else "perceiver_moe"
         if not args.no_task:
             timed(times, f"{first} task", ["train", *overrides, *common, f"generator={first}", "method=task",
-                                           *task_overrides])
+                                           *task_overrides], generators_dir)
         if args.scratch:
             timed(times, f"{first} task from scratch", ["train", *overrides, *common, f"generator={first}",
                                                         "method=task", "method.from_scratch=true",
-                                                        *stage_overrides.get("scratch", task_overrides)])
+                                                        *stage_overrides.get("scratch", task_overrides)],
+                  generators_dir)
         if args.grpo:
             fresh = "method.start=fresh" in stage_overrides.get("task", [])
             kind = 'imitation' if args.no_task and not args.grpo_only else 'task-fresh' if fresh else 'task'
@@ -126,7 +142,7 @@ def pipeline(root: Path, folder: str, overrides: list[str], stage_overrides: dic
             for reward, reward_overrides in GRPO_REWARDS.items():
                 timed(times, f"{first} grpo{'' if reward == 'val_accuracy' else ' ' + reward}",
                       ["train", *overrides, *common, f"generator={first}", "method=grpo", f"method.source={source}",
-                       *reward_overrides])
+                       *reward_overrides], generators_dir)
     timed(times, "evaluate", ["evaluate", *overrides, *common, f"evaluate.count={args.count}"])
     from synthnet.storage import atomic_write_bytes
     path = root / folder / "stage_times.json"
@@ -226,8 +242,9 @@ def table(root: Path, command: str, settings: list[str], previous: str = "") -> 
         path = root / folder / "stage_times.json"
         if folder in settings and path.is_file():
             stages = json.loads(path.read_text())
-            stage_rows.append(f"| {label} | " + ", ".join(f"{name} {t['cpu_s']:.0f} ({t['wall_s']:.0f})"
-                                                         for name, t in stages.items()) + " |")
+            stage_rows.append(f"| {label} | " + ", ".join(
+                f"{name} {t['cpu_s']:.0f} ({t['wall_s']:.0f}{'; resumed, this part only' if t.get('resumed') else ''})"
+                for name, t in stages.items()) + " |")
         elif folder not in settings:
             stage_rows += old_stage_rows.get(label, [])
     if stage_rows:
@@ -289,7 +306,12 @@ def main(argv: list[str] | None = None) -> int:
             if folder in args.settings:
                 print(f"\n=== {label} ===", flush=True)
                 pipeline(args.root, folder, overrides, stage_overrides, args)
-    command = "python bench/results_table.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--readme" in given:  # where the table was written is not part of what reproduces it
+        at = given.index("--readme")
+        del given[at:at + 2]
+    given = [a for a in given if not a.startswith("--readme=")]
+    command = "python bench/results_table.py " + shlex.join(given)
     block = readme_text.split(START)[1].split(END)[0]
     write_readme(args.readme, table(args.root, command.strip(), args.settings, block))
     print(f"results table written to {args.readme}")

@@ -397,7 +397,24 @@ def test_results_table_needs_markers_and_fills_them(tmp_path):
                        "--settings", "digits-mlp", "mnist1d-mlp"]) == 0
     redone = readme.read_text()
     assert "were then redone" not in redone and redone.count("| digits MLP | g |") == 1
-    assert "Reproduce: `python bench/results_table.py --readme" in redone
+    assert "Reproduce: `python bench/results_table.py --table-only" in redone  # where it wrote is not a step
+    assert str(readme) not in redone
+    # a stage that wrote nothing (the CLI found it done) keeps its last time; a resumed one says so
+    out = tmp_path / "generators"
+    (out / "resume").mkdir(parents=True)
+    (out / "done.safetensors").write_bytes(b"x")
+    times = {}
+    bench.run = lambda argv: None
+    bench.timed(times, "skipped", ["train"], out)
+    assert times == {}
+    (out / "resume" / "g.safetensors").write_bytes(b"x")
+    bench.run = lambda argv: (out / "g.safetensors").write_bytes(b"y")
+    bench.timed(times, "resumed", ["train"], out)
+    assert list(times) == ["resumed"] and times["resumed"]["resumed"] is True
+    (out / "resume" / "g.safetensors").unlink()
+    bench.run = lambda argv: (out / "h.safetensors").write_bytes(b"z")
+    bench.timed(times, "fresh", ["train"], out)
+    assert "resumed" not in times["fresh"] and times["fresh"]["wall_s"] >= 0
 
 
 def test_cnn_end_to_end_through_evaluate(tmp_path, capsys):
