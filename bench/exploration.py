@@ -9,17 +9,19 @@ onwards, never seen in training or tuning), deterministically, as ``generate`` p
 
 * schemes: ``grpo`` (Gaussian noise on every step's weights, the old default), ``grpo-first``
   (noise on the first step only, the later steps deterministic), ``es`` (evolution strategies
-  on the generator's parameters; antithetic, the same reward calls);
+  on the generator's parameters; antithetic, the same reward calls), ``latent`` (policy gradient
+  over a 32-dimensional latent per network that shifts the generator's conditioning);
 * rewards: validation accuracy after 90% global magnitude pruning, after int4 quantization, and
   plain validation accuracy;
 * columns: the reward on the held-out inits before / after, test accuracy of the deterministic
   output (plain, 90% pruned, int4), reward evaluations used, CPU seconds of the tuning, fraction
-  of tied groups (ES: tied antithetic pairs), final KL to the reference (GRPO only), the output
+  of tied groups (ES: tied antithetic pairs), final KL to the reference (GRPO: per weight;
+  latent: of z, over its dimensions), the output
   drift (relative distance of the tuned networks to the start generator's, same inits), the
   diversity (pairwise test-prediction disagreement) and input sensitivity, each as a ratio to
   the start generator's; and the SGD twins of the same inits pruned / quantized post hoc.
 
-Usage: ``.venv/bin/python bench/exploration.py [--settings digits-mlp mnist1d-mlp] [--iterations 100]``.
+Usage: ``.venv/bin/python bench/exploration.py [--settings digits-mlp mnist1d-mlp] [--schemes ...] [--iterations 100]``.
 Writes ``<out>/<setting>.json`` and ``<out>/exploration.md`` (default ``bench/results/exploration``).
 """
 
@@ -42,12 +44,13 @@ REWARDS = {
     "int4": ["reward=quantized_val_accuracy", "reward.bits=4"],
     "accuracy": ["reward=val_accuracy"],
 }
-# Each scheme spends 32 reward evaluations per iteration: GRPO 4 inits x 8 candidates, ES 4 inits x 4 antithetic
-# pairs (8 candidates).
+# Each scheme spends 32 reward evaluations per iteration: GRPO and latent 4 inits x 8 candidates, ES 4 inits x 4
+# antithetic pairs (8 candidates).
 SCHEMES = {
     "grpo": ["method.algorithm=grpo", "method.noise_scale=0.05"],
     "grpo-first": ["method.algorithm=grpo", "method.noise_scale=[0.1,0,0,0]"],
     "es": ["method.algorithm=es", "method.population=4"],
+    "latent": ["method.algorithm=latent", "method.group_size=8"],
 }
 
 

@@ -139,5 +139,5 @@ def test_synthnet_config_prints_every_key_with_its_help(capsys):
     assert main(["config", "method=grpo", "method.iterations=7"]) == 0
     out = capsys.readouterr().out
     assert "  iterations: 7  # GRPO iterations" in out
-    assert "lr: null  # Adam learning rate for the policy; null = 1e-4 (grpo) or 1e-3 (es)" in out
+    assert "lr: null  # Adam learning rate for the policy; null = 1e-4 (grpo), 1e-3 (es) or 1e-2 (latent)" in out
     assert out == describe(compose(["method=grpo", "method.iterations=7"]))

@@ -276,8 +276,9 @@ def _grpo_config(root, *overrides, algorithm="grpo"):
                     *overrides])
 
 
-def _write_imitation_stand_in(cfg):
-    """An (untrained) generator saved where the imitation stage writes its file."""
+def _write_imitation_stand_in(cfg, head_std: float = 0.0):
+    """An (untrained) generator saved where the imitation stage writes its file; ``head_std > 0`` draws its
+    output head (zero at init, so its networks would not depend on its conditioning)."""
     from synthnet.config import container
     from synthnet.commands.artifacts import imitation_path
     from synthnet.generation import target_layout
@@ -286,6 +287,8 @@ def _write_imitation_stand_in(cfg):
     torch.manual_seed(0)
     _, layout = target_layout(container(cfg.target), (1, 8, 8), 10, int(cfg.generator.chunk_size))
     model = build_generator(container(cfg.generator), layout)
+    if head_std:
+        torch.nn.init.normal_(model.head.weight, std=head_std)
     save_generator(imitation_path(cfg), model, config=container(cfg.generator), target_config=container(cfg.target),
                    task_config=container(cfg.task), chunk_size=layout.chunk_size)
 
@@ -499,3 +502,127 @@ def test_es_command_resumes_exactly_and_records_its_algorithm(tmp_path):
     resumed = train_grpo(_grpo_config(tmp_path / "b", "method.iterations=2", "method.population=2", algorithm="es"))
     b, _ = load_state_dict(resumed)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+# --------------------------------------------------------------------------- the latent policy
+
+
+def _latent_generator(layout, latent_dim=4):
+    """A small Perceiver whose output depends on its conditioning (the head is not zero, as after training)."""
+    from synthnet.generators.perceiver_moe import PerceiverMoEGenerator
+
+    torch.manual_seed(0)
+    options = dict(chunk_size=layout.chunk_size, d_model=16, num_latents=4, num_blocks=1, time_dim=8,
+                   message_rank=4)
+    source = PerceiverMoEGenerator(**options)
+    torch.nn.init.normal_(source.head.weight, std=0.3)
+    model = PerceiverMoEGenerator(**options, latent_dim=latent_dim)
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    assert sorted(missing) == ["latent_mean", "latent_proj.weight"] and not unexpected
+    return source.eval(), model.eval()
+
+
+def test_latent_with_zero_mean_is_the_source_generator_and_z_changes_it(toy_layout):
+    from synthnet.methods.latent import attach_latent, generate_with_latents
+
+    source, model = _latent_generator(toy_layout)
+    attach_latent(model, 4, steps=2, seed=0)
+    inits = torch.randn(3, toy_layout.num_tokens, toy_layout.chunk_size) * toy_layout.mask.float()
+    with torch.no_grad():
+        plain = sample(source, inits, toy_layout, 2).final
+        assert torch.equal(sample(model, inits, toy_layout, 2).final, plain)  # m = 0 and no z: the source exactly
+        assert torch.allclose(generate_with_latents(model, inits, toy_layout, 2, torch.zeros(3, 4)), plain)
+        moved = generate_with_latents(model, inits, toy_layout, 2, torch.randn(3, 4))
+    assert (moved - plain).abs().max() > 1e-3
+    # z ~ N(0, I) moves the conditioning by about its own RMS over the schedule
+    times = torch.tensor([0.0, 0.5, 1.0])
+    with torch.no_grad():
+        cond = model.conditioning(times[:-1], times[1:])
+        shift = model.latent_proj(torch.randn(4096, 4, generator=torch.Generator().manual_seed(0)))
+    assert float(shift.pow(2).mean().sqrt()) == pytest.approx(float(cond.pow(2).mean().sqrt()), rel=0.35)
+    with pytest.raises(SynthNetError, match="latent of shape"):
+        model(inits, times[:1].expand(3), times[1:2].expand(3), toy_layout, latent=torch.zeros(3, 5))
+    with pytest.raises(SynthNetError, match="latent_dim 0"):
+        source(inits, times[:1].expand(3), times[1:2].expand(3), toy_layout, latent=torch.zeros(3, 4))
+
+
+def test_latent_log_prob_and_kl_match_closed_form():
+    from synthnet.methods.latent import latent_kl, latent_log_prob
+
+    z, mean = torch.randn(5, 3), torch.randn(3)
+    expected = torch.distributions.Normal(mean, 0.7).log_prob(z).sum(-1)
+    assert torch.allclose(latent_log_prob(z, mean, 0.7), expected, atol=1e-5)
+    other = torch.randn(3)
+    expected_kl = torch.distributions.kl_divergence(torch.distributions.Normal(mean, 0.7),
+                                                    torch.distributions.Normal(other, 0.7)).sum()
+    assert torch.allclose(latent_kl(mean, other, 0.7), expected_kl, atol=1e-5)
+
+
+def test_latent_policy_moves_its_mean_toward_the_rewarded_latent(toy_layout):
+    """The reward is highest for the networks the generator makes at a hidden z*: the mean must approach it,
+    and the deterministic output (z = m, what generate makes) must get better."""
+    from synthnet.methods import latent
+
+    _, model = _latent_generator(toy_layout)
+    latent.attach_latent(model, 4, steps=2, seed=0)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name == "latent_mean")
+    mask = toy_layout.mask.float()
+    inits = torch.randn(2, toy_layout.num_tokens, toy_layout.chunk_size,
+                        generator=torch.Generator().manual_seed(3)) * mask
+    best = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    target = latent.generate_with_latents(model, inits, toy_layout, 2, best.expand(2, 4))
+    per_init = {i: target[i] for i in range(2)}
+
+    def reward_fn(final):  # candidates are init-major: G = 8 per init
+        goal = torch.stack([per_init[i // 8] for i in range(final.shape[0])])
+        return -(((final - goal) * mask) ** 2).sum((1, 2))
+
+    optimizer = torch.optim.Adam([model.latent_mean], lr=0.05)
+    settings = latent.LatentSettings(inits_per_iteration=2, group_size=8, steps=2, latent_dim=4, latent_sigma=0.3,
+                                     inner_epochs=2, beta=0.0)
+    before = float(reward_fn(latent.generate_with_latents(model, inits.repeat_interleave(8, 0), toy_layout, 2,
+                                                          model.latent_mean.detach().expand(16, 4))).mean())
+    history = latent.train(model, optimizer, layout=toy_layout, make_inits=lambda i: inits, reward_fn=reward_fn,
+                           settings=settings, iterations=60, reference_mean=torch.zeros(4), progress=False)
+    after = float(reward_fn(latent.generate_with_latents(model, inits.repeat_interleave(8, 0), toy_layout, 2,
+                                                         model.latent_mean.detach().expand(16, 4))).mean())
+    assert float((model.latent_mean.detach() - best).norm()) < 0.5 * float(best.norm())
+    assert after > 0.5 * before  # rewards are negative distances: at least halved
+    assert history[0]["evaluations"] == 16 and history[-1]["kl"] > 0
+    assert all(math.isfinite(h[k]) for h in history for k in ("reward_mean", "clip_fraction", "mean_norm"))
+
+
+def test_latent_command_tunes_only_the_mean_resumes_exactly_and_generates(tmp_path):
+    from synthnet.commands.train_grpo import train_grpo
+    from synthnet.generation import generate_networks, target_layout
+    from synthnet.generators import load_generator
+    from synthnet.storage import load_state_dict, read_metadata
+
+    options = ("method.latent_dim=4", "method.latent_sigma=0.5")
+    straight = _grpo_config(tmp_path / "a", "method.iterations=2", *options, algorithm="latent")
+    _write_imitation_stand_in(straight, head_std=0.3)
+    path = train_grpo(straight)
+    header = read_metadata(path)
+    assert header["algorithm"] == "latent" and header["grpo_iteration"] == 2
+    assert header["generator_config"]["latent_dim"] == 4 and header["grpo_settings"]["latent_sigma"] == 0.5
+    start, _ = load_state_dict(path.with_name("perceiver_moe-imitation.safetensors"))
+    tuned, _ = load_state_dict(path)
+    assert set(tuned) - set(start) == {"latent_proj.weight", "latent_mean"}
+    assert all(torch.equal(start[k], tuned[k]) for k in start)  # the rest of the generator is the environment
+    assert tuned["latent_mean"].abs().max() > 0
+    loaded = load_generator(path)
+    _, layout = target_layout(loaded.target_config, (1, 8, 8), 10, loaded.chunk_size)
+    networks = generate_networks(loaded.model, layout, loaded.target_config, (1, 8, 8), 10, [7], 2).state_dicts
+    assert all(torch.isfinite(v).all() for v in networks[-1].values())
+
+    first = _grpo_config(tmp_path / "b", "method.iterations=1", *options, algorithm="latent")
+    _write_imitation_stand_in(first, head_std=0.3)
+    train_grpo(first)
+    resumed = train_grpo(_grpo_config(tmp_path / "b", "method.iterations=2", *options, algorithm="latent"))
+    again, _ = load_state_dict(resumed)
+    assert all(torch.allclose(tuned[k], again[k], atol=1e-6) for k in tuned)
+    with pytest.raises(SynthNetError, match="already has a latent of 4"):  # tuning it again with another size
+        train_grpo(_grpo_config(tmp_path / "a", "method.iterations=1", "method.latent_dim=8",
+                                f"method.source={path}", "train.output=" + str(tmp_path / "c.safetensors"),
+                                algorithm="latent"))

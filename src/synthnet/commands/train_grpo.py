@@ -1,9 +1,11 @@
 """``synthnet train method=grpo``: reinforcement on a reward no gradient reaches, of a trained generator.
 
 ``method.algorithm`` picks the optimiser: ``es`` (default; :mod:`synthnet.methods.es`, evolution
-strategies on the generator's parameters, every candidate deterministic as ``generate`` makes it)
-or ``grpo`` (:mod:`synthnet.methods.grpo`, policy gradient over Gaussian noise on the sampled
-weights). ``bench/exploration.py`` compares them on the same reward evaluations.
+strategies on the generator's parameters, every candidate deterministic as ``generate`` makes it),
+``grpo`` (:mod:`synthnet.methods.grpo`, policy gradient over Gaussian noise on the sampled
+weights) or ``latent`` (:mod:`synthnet.methods.latent`, policy gradient over a per-network latent
+that the generator is given here when it has none). ``bench/exploration.py`` compares them on the
+same reward evaluations.
 
 Starts from ``method.source`` (default ``<generators_dir>/<generator>-imitation.safetensors``),
 training it first with the imitation settings in ``method.imitation`` when it is missing
@@ -42,15 +44,16 @@ log = logging.getLogger("synthnet")
 
 # method.lr when it is null: bench/exploration.py (digits, 90% pruned reward) found 1e-3 for ES (1e-4 hardly moved
 # it); GRPO keeps the 1e-4 it was tuned with
-DEFAULT_LR = {"grpo": 1e-4, "es": 1e-3}
+DEFAULT_LR = {"grpo": 1e-4, "es": 1e-3, "latent": 1e-2}
 
 
 def train_grpo(cfg: DictConfig) -> Path:
     """Run the GRPO stage described by ``cfg`` (imitation first if needed); returns the generator file."""
     from synthnet.generators import check_generator_matches, load_generator, save_generator
-    from synthnet.methods import es, grpo
+    from synthnet.methods import es, grpo, latent
     from synthnet.methods.es import ESSettings
     from synthnet.methods.grpo import GRPOSettings
+    from synthnet.methods.latent import LatentSettings
     from synthnet.evaluation.report import plot_reward_curve
     from synthnet.methods.rewards import Reward
     from synthnet.generation import check_layout, init_tokens, target_layout
@@ -63,7 +66,8 @@ def train_grpo(cfg: DictConfig) -> Path:
     steps = int(cfg.method.generation_steps) if cfg.method.get("generation_steps") is not None \
         else int(cfg.generate.steps)
     algorithm = str(cfg.method.get("algorithm", "grpo"))
-    settings = settings_of(ESSettings if algorithm == "es" else GRPOSettings, cfg.method, steps=steps)
+    settings = settings_of({"es": ESSettings, "latent": LatentSettings}.get(algorithm, GRPOSettings), cfg.method,
+                           steps=steps)
     reward_options = {k: v for k, v in container(cfg.reward).items() if k != "name"}
 
     source = ensure_imitation(cfg)
@@ -82,10 +86,14 @@ def train_grpo(cfg: DictConfig) -> Path:
     state_path = resume_path(out_path)
     jsonl_path = metrics_path(out_path)
 
-    policy = imitation.model
+    policy, generator_config = imitation.model, imitation.config
+    if algorithm == "latent":
+        policy, generator_config = with_latent(imitation, settings.latent_dim, steps, int(cfg.seed), cpu_layout, device)
     reference = copy.deepcopy(imitation.model) if algorithm == "grpo" else None
     lr = float(cfg.method.lr) if cfg.method.get("lr") is not None else DEFAULT_LR[algorithm]
-    optimizer = torch.optim.Adam(policy.parameters(), lr=lr, weight_decay=float(cfg.method.weight_decay))
+    trained = [policy.latent_mean] if algorithm == "latent" else policy.parameters()  # the latent policy: m only
+    optimizer = torch.optim.Adam(trained, lr=lr, weight_decay=float(cfg.method.weight_decay))
+    reference_mean = policy.latent_mean.detach().clone() if algorithm == "latent" else None
     start = 0
     resume = bool(cfg.get("train", {}).get("resume", True))
     found = state_path if resume and state_path.exists() else out_path if resume and out_path.exists() else None
@@ -145,7 +153,7 @@ def train_grpo(cfg: DictConfig) -> Path:
         meta = {**header, "grpo_iteration": iteration, "finished": iteration >= iterations}
         save_resume_state(state_path, {"model": policy.state_dict()}, optimizer, meta)
         if iteration >= iterations:  # the generator file is written once, finished
-            save_generator(out_path, policy, config=imitation.config, target_config=imitation.target_config,
+            save_generator(out_path, policy, config=generator_config, target_config=imitation.target_config,
                            task_config=imitation.task_config, chunk_size=imitation.chunk_size, extra=meta)
 
     def on_iteration(iteration: int, stats: dict[str, float]) -> None:
@@ -156,7 +164,7 @@ def train_grpo(cfg: DictConfig) -> Path:
 
     candidates = 2 * settings.population if algorithm == "es" else settings.group_size
     log.info("%s %s on %s: %d iterations x %d inits x %d candidates, %d steps, reward %s -> %s",
-             "ES" if algorithm == "es" else "GRPO", cfg.generator.name, cfg.task.name, iterations, batch, candidates,
+             {"es": "ES", "latent": "latent GRPO"}.get(algorithm, "GRPO"), cfg.generator.name, cfg.task.name, iterations, batch, candidates,
              steps, cfg.reward.name, out_path)
     try:
         common = dict(layout=layout, make_inits=make_inits, reward_fn=reward_fn, settings=settings,
@@ -164,6 +172,8 @@ def train_grpo(cfg: DictConfig) -> Path:
                       on_iteration=on_iteration, log_every=int(cfg.method.log_every), progress=bool(cfg.progress))
         if algorithm == "es":
             es.train(policy, optimizer, **common)
+        elif algorithm == "latent":
+            latent.train(policy, optimizer, reference_mean=reference_mean, **common)
         else:
             grpo.train(policy, reference, optimizer, **common)
     finally:
@@ -179,3 +189,30 @@ def train_grpo(cfg: DictConfig) -> Path:
         print(f"grpo: {out_path} ({algorithm}, {records[-1]['iteration']} iterations, reward {records[0]['reward_mean']:.4f} -> "
               f"{records[-1]['reward_mean']:.4f}, {eps:.0f} candidate evaluations/s)")
     return out_path
+
+
+def with_latent(loaded, latent_dim: int, steps: int, seed: int, layout, device: torch.device):
+    """The policy of ``method.algorithm=latent``: ``loaded``'s generator as it is when it already has a latent of
+    ``latent_dim``, else rebuilt with one (its weights copied, a fixed random projection, mean 0: the same
+    networks as before until the mean moves). Returns (model, generator config to save)."""
+    from synthnet.generators import build_generator
+    from synthnet.methods.latent import attach_latent
+
+    own = int(loaded.config.get("latent_dim", 0) or 0)
+    model, config = loaded.model, loaded.config
+    if own and own != latent_dim:
+        raise SynthNetError(f"the source generator already has a latent of {own} dimensions, not "
+                            f"method.latent_dim={latent_dim}; set method.latent_dim={own}")
+    if not own and loaded.config.get("name") != "perceiver_moe":
+        raise SynthNetError(f"method.algorithm=latent needs generator perceiver_moe (its conditioning takes the "
+                            f"latent), not {loaded.config.get('name')}")
+    if not own:
+        config = {**loaded.config, "latent_dim": int(latent_dim)}
+        model = build_generator(config, layout).to(device)
+        missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
+        if unexpected or set(missing) != {"latent_proj.weight", "latent_mean"}:
+            raise SynthNetError(f"cannot add a latent to this generator (missing {missing}, unexpected {unexpected})")
+        attach_latent(model, int(latent_dim), steps, seed)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name == "latent_mean")
+    return model, config

@@ -102,6 +102,8 @@ _GENERATOR_OPTIONS: dict[str, tuple[str, dict]] = {
     "probe_values": ("values per probe input (at least the task's input size)", dict(low=1, high=1 << 16)),
     "row_mean_scaling": ("scale the part of a neuron's weight update shared by all its incoming weights by "
                          "1/sqrt(fan_in) (wide layers: keeps one step from shifting a whole layer below zero)", {}),
+    "latent_dim": ("size of a per-network latent z that shifts the conditioning (0 = none); method=grpo "
+                   "method.algorithm=latent adds it to a trained generator", dict(low=0, high=1024)),
     "hidden": ("MLP width", dict(low=1, high=1 << 16)),
     "num_layers": ("hidden layers", dict(low=1, high=1024)),
 }
@@ -258,6 +260,7 @@ def _method_schemas() -> dict[str, type]:
     from synthnet.methods.es import ESSettings
     from synthnet.methods.grpo import GRPOSettings
     from synthnet.methods.imitation import ImitationSettings
+    from synthnet.methods.latent import LatentSettings
     from synthnet.methods.task import TaskSettings
 
     imitation = structured(
@@ -297,6 +300,7 @@ def _method_schemas() -> dict[str, type]:
                stage],
         doc="Task loss: train the generator through the networks it generates (imitation first).")
     es_hints = typing.get_type_hints(ESSettings)
+    latent_hints = typing.get_type_hints(LatentSettings)
     grpo = structured(
         "GRPOMethod", "grpo", GRPOSettings, drop=("steps",),
         before=curriculum + [
@@ -307,8 +311,8 @@ def _method_schemas() -> dict[str, type]:
         replace={"noise_scale": ("noise_scale", Any, option(
             [0.1], "algorithm=grpo: sigma of the stochastic steps, in token units; a number for every step, a list "
                    "for the first steps (the rest deterministic)", low=0, each=True))},
-        after=[("lr", Optional[float], option(None, "Adam learning rate for the policy; null = 1e-4 (grpo) or 1e-3 "
-                                                    "(es)", low=0, high=10, low_open=True)),
+        after=[("lr", Optional[float], option(None, "Adam learning rate for the policy; null = 1e-4 (grpo), 1e-3 "
+                                                    "(es) or 1e-2 (latent)", low=0, high=10, low_open=True)),
                ("weight_decay", float, option(0.0, "Adam weight decay", low=0, high=1)),
                ("first_seed", int, option(3_000_000, "init seeds: first_seed + iteration * B + i", low=0)),
                ("log_every", int, option(1, "one log line every N iterations", low=1)),
@@ -318,8 +322,13 @@ def _method_schemas() -> dict[str, type]:
                ("algorithm", str, option("es", "grpo: policy gradient over Gaussian noise on the sampled weights "
                                                  "(method.noise_scale) | es: evolution strategies on the generator's "
                                                  "parameters, every candidate deterministic as generate makes it "
-                                                 "(method.population, method.sigma)", choices=("grpo", "es")))]
+                                                 "(method.population, method.sigma) | latent: policy gradient over a "
+                                                 "k-dimensional latent per network that shifts the generator's "
+                                                 "conditioning (method.latent_dim, method.latent_sigma)",
+                                        choices=("grpo", "es", "latent")))]
               + [_copy(f, es_hints[f.name]) for f in dataclasses.fields(ESSettings) if f.name in ("population", "sigma")]
+              + [_copy(f, latent_hints[f.name]) for f in dataclasses.fields(LatentSettings)
+                 if f.name in ("latent_dim", "latent_sigma")]
               + [stage],
         doc="GRPO: reinforcement learning of an imitation-trained generator on a reward (configs: reward=).")
     return {"imitation": imitation, "task": task, "grpo": grpo}

@@ -39,6 +39,14 @@ hidden permutation, so this path is exactly equivariant. It needs the target mod
 Conditioning: sinusoidal embeddings of ``t_source``, ``t_target`` and their gap, through an
 MLP, modulate every layer norm (adaLN) and are added to the latents; an optional
 ``condition`` vector (B, condition_dim) joins them for later uses.
+
+**Latent** (``latent_dim=k > 0``): a k-dimensional vector ``z`` per network shifts that
+conditioning vector by ``latent_proj(z)`` at every step. ``forward`` uses the learned
+``latent_mean`` unless it is given one ``z`` per batch element, so a generator with
+``latent_mean = 0`` and no ``z`` is exactly the generator without the latent. It is the
+action space of ``method=grpo method.algorithm=latent`` (:mod:`synthnet.methods.latent`):
+a Gaussian policy over ``z`` whose mean is ``latent_mean``, so its log-probabilities are over
+k dimensions rather than over every weight, and ``generate`` produces the policy's mean.
 """
 
 from __future__ import annotations
@@ -228,7 +236,8 @@ class PerceiverMoEGenerator(nn.Module):
                  time_dim: int = 64, condition_dim: int = 0, predict: str = "delta", neuron_messages: bool = True,
                  message_rank: int = 32, max_output_units: int = 64, balance_loss_weight: float = 0.01,
                  z_loss_weight: float = 0.001, decoder_depth: int = 1, decoder_messages: bool = False,
-                 probes: int = 0, probe_values: int = 1024, row_mean_scaling: bool = False):
+                 probes: int = 0, probe_values: int = 1024, row_mean_scaling: bool = False,
+                 latent_dim: int = 0):
         super().__init__()
         if int(decoder_depth) < 1:
             raise SynthNetError(f"generator.decoder_depth must be at least 1, got {decoder_depth}")
@@ -239,6 +248,11 @@ class PerceiverMoEGenerator(nn.Module):
         self.neuron_messages = neuron_messages
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
         self.conditioning = TimeConditioning(d_model=d_model, time_dim=time_dim, condition_dim=condition_dim)
+        self.latent_dim = int(latent_dim)
+        if self.latent_dim:  # the policy's action space (module docstring): z -> a shift of the conditioning
+            self.latent_proj = nn.Linear(self.latent_dim, d_model, bias=False)
+            nn.init.normal_(self.latent_proj.weight, std=self.latent_dim ** -0.5)
+            self.latent_mean = nn.Parameter(torch.zeros(self.latent_dim))
         self.value_embed = nn.Linear(2 * chunk_size, d_model)  # values and validity mask
         num_features = len(KINDS) + 2 + 8 + 2 + 1  # kind, depth, is_output, chunk position, fan-in/out, valid share
         self.feature_embed = nn.Sequential(nn.Linear(num_features, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
@@ -406,8 +420,9 @@ class PerceiverMoEGenerator(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, tokens: torch.Tensor, t_source: torch.Tensor, t_target: torch.Tensor, layout: TokenLayout,
-                condition: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, N, C), t_source / t_target (B,) -> predicted tokens at t_target (B, N, C)."""
+                condition: torch.Tensor | None = None, latent: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, N, C), t_source / t_target (B,) -> predicted tokens at t_target (B, N, C); ``latent``
+        (B, latent_dim) replaces ``latent_mean`` (generators with ``latent_dim > 0`` only)."""
         if tokens.shape[-2:] != (layout.num_tokens, self.chunk_size):
             raise SynthNetError(f"generator expects tokens (*, {layout.num_tokens}, {self.chunk_size}), "
                                 f"got {tuple(tokens.shape)}")
@@ -415,6 +430,12 @@ class PerceiverMoEGenerator(nn.Module):
         b = tokens.shape[0]
         mask = layout.mask.to(tokens.dtype)
         cond = self.conditioning(t_source, t_target, condition)  # (B, D)
+        if latent is not None and (not self.latent_dim or latent.shape != (b, self.latent_dim)):
+            raise SynthNetError(f"generator expects a latent of shape ({b}, {self.latent_dim}), got "
+                                f"{tuple(latent.shape)}" + ("" if self.latent_dim else " (it has latent_dim 0)"))
+        if self.latent_dim:
+            z = self.latent_mean.expand(b, -1) if latent is None else latent.to(cond.dtype)
+            cond = cond + self.latent_proj(z)
         values = torch.cat([tokens * mask, mask.expand(b, -1, -1)], dim=-1)
         h = self.value_embed(values) + self.feature_embed(self.token_features(layout))[None]  # (B, N, D)
         h = h + self.output_embedding(layout)[None]
