@@ -22,7 +22,8 @@ onwards, never seen in training or tuning), deterministically, as ``generate`` p
   the start generator's; and the SGD twins of the same inits pruned / quantized post hoc.
 
 Usage: ``.venv/bin/python bench/exploration.py [--settings digits-mlp mnist1d-mlp] [--schemes ...] [--iterations 100]``.
-Writes ``<out>/<setting>.json`` and ``<out>/exploration.md`` (default ``bench/results/exploration``).
+Writes ``<out>/<setting>.json`` and ``<out>/exploration.md`` (default ``bench/results/exploration``), whose
+tables are every ``<out>/<setting>.json`` there, so ``--settings`` reruns one setting and keeps the others.
 """
 
 from __future__ import annotations
@@ -189,7 +190,6 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     import synthnet.commands  # noqa: F401  (registers the commands)
 
-    sections = []
     for setting in args.settings:
         source = args.bench_root / setting / "generators" / "perceiver_moe-task.safetensors"
         if not source.is_file():
@@ -201,8 +201,10 @@ def main() -> None:
         result = {"setting": setting, "source": str(source), "count": args.count, "steps": int(cfg.generate.steps),
                   "iterations": args.iterations, "tuned": tuned, "rows": rows}
         (args.out / f"{setting}.json").write_text(json.dumps(result, indent=1))
-        sections.append(markdown(setting, result))
-        print(sections[-1], flush=True)
+        print(markdown(setting, result), flush=True)
+    # every setting measured into this folder, this call's and earlier calls' (--settings reruns one)
+    sections = [markdown(s, json.loads((args.out / f"{s}.json").read_text())) for s in SETTINGS
+                if (args.out / f"{s}.json").is_file()]
     (args.out / "exploration.md").write_text("\n\n".join(sections) + "\n")
 
 
