@@ -46,12 +46,18 @@ RewardFn = Callable[[torch.Tensor], torch.Tensor]  # final tokens (R, tokens, ch
 
 
 @dataclass(frozen=True)
-class GRPOSettings:
-    """Knobs of one GRPO run (their meaning: each field's help, printed by ``synthnet config method=grpo``)."""
+class GroupSettings:
+    """What every group-relative policy shares (GRPO here, the latent policy of :mod:`synthnet.methods.latent`)."""
 
     inits_per_iteration: int = option(4, "B fresh random inits per iteration", low=1)
     group_size: int = option(8, "G stochastic candidates per init (advantages compare within a group)", low=2)
     steps: int = option(4, "generation steps from t = 0 to t = 1", low=1)
+
+
+@dataclass(frozen=True)
+class GRPOSettings(GroupSettings):
+    """Knobs of one GRPO run (their meaning: each field's help, printed by ``synthnet config method=grpo``)."""
+
     noise_scale: float | tuple[float, ...] = option(
         (0.1,), "sigma of the stochastic steps, in token units: a number for every step, a list for the first "
                 "steps (the rest deterministic; bench/exploration.py: noise on the first step only beat every step)",

@@ -35,23 +35,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from synthnet.errors import SynthNetError
-from synthnet.methods.grpo import clipped_surrogate, group_advantages, tied_groups
+from synthnet.methods.grpo import GroupSettings, RewardFn, clipped_surrogate, group_advantages, tied_groups
 from synthnet.options import check_options, option
 from synthnet.sampling import NO_GRAD_TOKENS, sample, time_grid
 from synthnet.tokenization import TokenLayout
 
 log = logging.getLogger("synthnet")
 
-RewardFn = Callable[[torch.Tensor], torch.Tensor]  # final tokens (R, tokens, chunk) -> rewards (R,)
-
 
 @dataclass(frozen=True)
-class LatentSettings:
+class LatentSettings(GroupSettings):
     """Knobs of one latent-policy run (each field's help: ``synthnet config method=grpo``)."""
 
-    inits_per_iteration: int = option(4, "B fresh random inits per iteration", low=1)
-    group_size: int = option(8, "G stochastic candidates per init (advantages compare within a group)", low=2)
-    steps: int = option(4, "generation steps from t = 0 to t = 1", low=1)
     latent_dim: int = option(32, "algorithm=latent: k, the size of the per-network latent the policy samples",
                              low=1, high=1024)
     latent_sigma: float = option(0.25, "algorithm=latent: std of z around the policy's mean (z = N(0, I) shifts "
