@@ -62,11 +62,13 @@ class GRPOSettings(GroupSettings):
         (0.1,), "sigma of the stochastic steps, in token units: a number for every step, a list for the first "
                 "steps (the rest deterministic; bench/exploration.py: noise on the first step only beat every step)",
         low=0, each=True)
-    clip_epsilon: float = option(0.2, "PPO clip range of the per-step importance ratio (log-probs are means "
-                                      "over dims)", low=0, high=1, low_open=True, high_open=True)
+    clip_epsilon: float = option(0.2, "PPO clip range of the importance ratio (grpo: per step, log-probs are means "
+                                      "over dims; latent: the density ratio of z)", low=0, high=1, low_open=True,
+                                 high_open=True)
     inner_epochs: int = option(2, "passes over each iteration's stored rollouts", low=1)
     minibatch_size: int = option(0, "candidates per gradient step; 0 = all B * G at once", low=0)
-    beta: float = option(0.01, "weight of the exact KL to the frozen imitation generator (0 allowed)", low=0)
+    beta: float = option(0.01, "weight of the exact KL to the frozen starting generator (latent: to the starting "
+                               "mean of z; 0 allowed)", low=0)
     advantage_eps: float = option(1e-4, "(r - mean) / (std + eps) within each group", low=0, low_open=True)
     max_grad_norm: float = option(1.0, "0 = no gradient clipping", low=0)
     aux_loss_weight: float = option(0.0, "weight of the generator's auxiliary (MoE load-balancing) loss", low=0)
