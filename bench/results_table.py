@@ -41,7 +41,8 @@ SETTINGS = [
     ("digits MLP", "digits-mlp", ["target=mlp", "task=digits", "zoo.runs=1024"],
      {"scratch": ["method.steps=1000"]}),
     ("MNIST-1D MLP", "mnist1d-mlp", ["experiment=mnist1d_mlp", "zoo.runs=128", "zoo.epochs=60"],
-     {"task": ["method.steps=2000", "method.eval_every=200", "method.save_every=200"],
+     # 5,000 task-loss steps: validation accuracy 0.558 at the end of a 2,000-step schedule, 0.576 of a 5,000-step one
+     {"task": ["method.steps=5000", "method.eval_every=500", "method.save_every=500"],
       "scratch": ["method.steps=1000", "method.eval_every=200", "method.save_every=200"]}),
     ("MNIST-1D CNN", "mnist1d-cnn", ["experiment=mnist1d_cnn", "zoo.runs=24", "zoo.epochs=30"],
      {"imitation": ["method.steps=400", "method.eval_every=200", "method.save_every=200"],
