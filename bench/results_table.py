@@ -91,12 +91,14 @@ def timed(times: dict[str, dict[str, float]], stage: str, argv: list[str], outpu
     """``run(argv)`` and record its wall and CPU seconds (all threads of this process) under ``stage``.
 
     With ``output`` (the folder the stage writes to): a stage that wrote nothing there (the CLI found the work
-    done) records nothing, so its last real time stands; one that found resumable state in ``output/resume``
-    is marked ``resumed`` (its seconds cover only the part after the resume)."""
+    done) records nothing, so its last real time stands; one that continued resumable state in ``output/resume``
+    (a state file there before it that it rewrote or removed; finished GRPO stages keep theirs untouched) is
+    marked ``resumed`` (its seconds cover only the part after the resume)."""
     before = _newest(output) if output is not None and output.is_dir() else None
-    resumed = output is not None and any((output / "resume").glob("*.safetensors"))
+    states = {f: f.stat().st_mtime for f in (output / "resume").glob("*.safetensors")} if output is not None else {}
     wall, cpu = time.perf_counter(), time.process_time()
     run(argv)
+    resumed = any(not f.is_file() or f.stat().st_mtime != mtime for f, mtime in states.items())
     if before is not None and _newest(output) == before:
         return
     times[stage] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1),

@@ -408,10 +408,15 @@ def test_results_table_needs_markers_and_fills_them(tmp_path):
     bench.timed(times, "skipped", ["train"], out)
     assert times == {}
     (out / "resume" / "g.safetensors").write_bytes(b"x")
-    bench.run = lambda argv: (out / "g.safetensors").write_bytes(b"y")
+
+    def finish_resumed(argv):  # continues its state and removes it on finishing, as the task method does
+        (out / "g.safetensors").write_bytes(b"y")
+        (out / "resume" / "g.safetensors").unlink()
+
+    bench.run = finish_resumed
     bench.timed(times, "resumed", ["train"], out)
     assert list(times) == ["resumed"] and times["resumed"]["resumed"] is True
-    (out / "resume" / "g.safetensors").unlink()
+    (out / "resume" / "kept.safetensors").write_bytes(b"x")  # another, finished stage's state (GRPO keeps it)
     bench.run = lambda argv: (out / "h.safetensors").write_bytes(b"z")
     bench.timed(times, "fresh", ["train"], out)
     assert "resumed" not in times["fresh"] and times["fresh"]["wall_s"] >= 0
