@@ -52,6 +52,13 @@ class GroupSettings:
     inits_per_iteration: int = option(4, "B fresh random inits per iteration", low=1)
     group_size: int = option(8, "G stochastic candidates per init (advantages compare within a group)", low=2)
     steps: int = option(4, "generation steps from t = 0 to t = 1", low=1)
+    clip_epsilon: float = option(0.2, "PPO clip range of the importance ratio (grpo: per step, log-probs are means "
+                                      "over dims; latent: the density ratio of z)", low=0, high=1, low_open=True,
+                                 high_open=True)
+    inner_epochs: int = option(2, "passes over each iteration's stored rollouts", low=1)
+    beta: float = option(0.01, "weight of the exact KL to the frozen starting generator (latent: to the starting "
+                               "mean of z; 0 allowed)", low=0)
+    advantage_eps: float = option(1e-4, "(r - mean) / (std + eps) within each group", low=0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -62,14 +69,7 @@ class GRPOSettings(GroupSettings):
         (0.1,), "sigma of the stochastic steps, in token units: a number for every step, a list for the first "
                 "steps (the rest deterministic; bench/exploration.py: noise on the first step only beat every step)",
         low=0, each=True)
-    clip_epsilon: float = option(0.2, "PPO clip range of the importance ratio (grpo: per step, log-probs are means "
-                                      "over dims; latent: the density ratio of z)", low=0, high=1, low_open=True,
-                                 high_open=True)
-    inner_epochs: int = option(2, "passes over each iteration's stored rollouts", low=1)
     minibatch_size: int = option(0, "candidates per gradient step; 0 = all B * G at once", low=0)
-    beta: float = option(0.01, "weight of the exact KL to the frozen starting generator (latent: to the starting "
-                               "mean of z; 0 allowed)", low=0)
-    advantage_eps: float = option(1e-4, "(r - mean) / (std + eps) within each group", low=0, low_open=True)
     max_grad_norm: float = option(1.0, "0 = no gradient clipping", low=0)
     aux_loss_weight: float = option(0.0, "weight of the generator's auxiliary (MoE load-balancing) loss", low=0)
 

@@ -51,11 +51,6 @@ class LatentSettings(GroupSettings):
                              low=1, high=1024)
     latent_sigma: float = option(0.25, "algorithm=latent: std of z around the policy's mean (z = N(0, I) shifts "
                                        "the conditioning by its own RMS)", low=0, low_open=True)
-    clip_epsilon: float = option(0.2, "PPO clip range of the density ratio of z (summed over its k dims)", low=0,
-                                 high=1, low_open=True, high_open=True)
-    inner_epochs: int = option(2, "passes over each iteration's stored rollouts", low=1)
-    beta: float = option(0.01, "weight of the exact KL to the starting latent mean (0 allowed)", low=0)
-    advantage_eps: float = option(1e-4, "(r - mean) / (std + eps) within each group", low=0, low_open=True)
 
     def __post_init__(self):
         check_options(self, "method.")
