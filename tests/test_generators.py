@@ -13,7 +13,7 @@ from synthnet.generators import GENERATORS, build_generator, load_generator, sav
 from synthnet.methods.imitation import apply_index, permutation_index
 from synthnet.storage import save_state_dict
 from synthnet.targets import build_target, permute_hidden, random_permutations
-from synthnet.tokenization import detokenize, token_permutation, tokenize
+from synthnet.tokenization import KINDS, detokenize, token_permutation, tokenize
 
 TARGET = {"name": "mlp", "hidden": [12, 8], "activation": "relu"}
 TASK = {"name": "digits"}
@@ -96,6 +96,30 @@ def test_row_mean_scaling_damps_only_the_update_a_neurons_weights_share(neuron_m
         with torch.no_grad():
             out = scaled(tokens, *_times(3), layout)
             assert torch.allclose(scaled(tokens[:, index], *_times(3), layout), out[:, index], atol=1e-5)
+
+
+def test_role_depth_feature_equals_relative_up_to_two_hidden_layers_and_repeats_the_middle_beyond():
+    """generator.depth_feature=role: one or two hidden layers get exactly the relative depth's features (a
+    generator trained there is the same either way); deeper networks give every layer between the first and
+    the read-out the features of the middle layer, where relative depth gives values never seen in training."""
+    _, _, relative, _, _ = _setup()
+    _, _, role, _, _ = _setup(depth_feature="role")
+    role.load_state_dict(relative.state_dict())  # no parameters of its own
+    for hidden in ([12], [12, 8]):
+        _, layout = target_layout({**TARGET, "hidden": hidden}, (1, 8, 8), 10, 16)
+        assert torch.equal(role.token_features(layout), relative.token_features(layout))
+    _, deep = target_layout({**TARGET, "hidden": [12, 8, 8]}, (1, 8, 8), 10, 16)
+    column = len(KINDS)  # the depth feature follows the kind one-hot
+    depth = {name: model.token_features(deep)[:, column] for name, model in (("relative", relative), ("role", role))}
+    layer = deep.layer_index
+    assert sorted(set(depth["relative"].tolist())) == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert sorted(set(depth["role"].tolist())) == [0, 0.5, 1]
+    assert torch.all(depth["role"][(layer == 1) | (layer == 2)] == 0.5)
+    tokens = torch.randn(2, deep.num_tokens, 16) * deep.mask
+    with torch.no_grad():
+        assert not torch.allclose(role(tokens, *_times(2), deep), relative(tokens, *_times(2), deep))
+    with pytest.raises(SynthNetError, match="depth_feature"):
+        _setup(depth_feature="absolute")
 
 
 def test_true_hidden_permutation_is_not_exactly_equivariant():

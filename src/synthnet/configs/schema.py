@@ -104,6 +104,10 @@ _GENERATOR_OPTIONS: dict[str, tuple[str, dict]] = {
                          "1/sqrt(fan_in) (wide layers: keeps one step from shifting a whole layer below zero)", {}),
     "latent_dim": ("size of a per-network latent z that shifts the conditioning (0 = none); method=grpo "
                    "method.algorithm=latent adds it to a trained generator", dict(low=0, high=1024)),
+    "depth_feature": ("what a token's depth feature says: relative (layer index / (layers - 1)) | role (first "
+                      "layer 0, read-out 1, every layer between 0.5: a deeper network's extra layers look like "
+                      "the hidden-to-hidden layers seen in training; equal to relative for one or two hidden layers)",
+                      dict(choices=("relative", "role"))),
     "hidden": ("MLP width", dict(low=1, high=1 << 16)),
     "num_layers": ("hidden layers", dict(low=1, high=1024)),
 }

@@ -237,13 +237,15 @@ class PerceiverMoEGenerator(nn.Module):
                  message_rank: int = 32, max_output_units: int = 64, balance_loss_weight: float = 0.01,
                  z_loss_weight: float = 0.001, decoder_depth: int = 1, decoder_messages: bool = False,
                  probes: int = 0, probe_values: int = 1024, row_mean_scaling: bool = False,
-                 latent_dim: int = 0):
+                 latent_dim: int = 0, depth_feature: str = "relative"):
         super().__init__()
         if int(decoder_depth) < 1:
             raise SynthNetError(f"generator.decoder_depth must be at least 1, got {decoder_depth}")
         if predict not in ("delta", "direct"):
             raise SynthNetError(f"generator.predict must be 'delta' or 'direct', got '{predict}'")
-        self.chunk_size, self.predict = chunk_size, predict
+        if depth_feature not in ("relative", "role"):
+            raise SynthNetError(f"generator.depth_feature must be 'relative' or 'role', got '{depth_feature}'")
+        self.chunk_size, self.predict, self.depth_feature = chunk_size, predict, depth_feature
         self.row_mean_scaling = bool(row_mean_scaling)
         self.neuron_messages = neuron_messages
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
@@ -313,7 +315,10 @@ class PerceiverMoEGenerator(nn.Module):
         kind = F.one_hot(layout.kind, len(KINDS)).float()
         position = sinusoidal_embedding(layout.chunk_index.float() / 64.0, 8)
         valid = layout.mask.float().mean(-1, keepdim=True)
-        return torch.cat([kind, layout.depth[:, None], layout.is_output.float()[:, None], position,
+        depth = layout.depth
+        if self.depth_feature == "role":  # first layer 0, read-out 1, every layer between 0.5
+            depth = torch.where((depth > 0) & (depth < 1), torch.full_like(depth, 0.5), depth)
+        return torch.cat([kind, depth[:, None], layout.is_output.float()[:, None], position,
                           layout.log_fan_in[:, None] / 8.0, layout.log_fan_out[:, None] / 8.0, valid], dim=-1)
 
     def output_embedding(self, layout: TokenLayout) -> torch.Tensor:
