@@ -24,6 +24,7 @@ to it), same task-loss steps.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -66,6 +67,10 @@ def main_bench(argv: list[str] | None = None) -> int:
                         help="family: task loss over the family from a fresh generator; single: the same on the "
                              "setting's own architecture; curriculum: zoo over the family -> imitation -> task loss")
     parser.add_argument("--zoo-runs", type=int, default=1024, help="runs of the curriculum's family zoo")
+    parser.add_argument("--depth-features", nargs="+", default=[], choices=["relative", "role"],
+                        help="also evaluate the family generator's weights under these generator.depth_feature "
+                             "values (rows 'family-<value>'); trained on one or two hidden layers the two give the "
+                             "same training, so this compares what each says about a deeper network")
     parser.add_argument("--override", nargs="*", default=[], help="extra key=value overrides of both trainings "
                                                                   "(e.g. generator.bias_chunk=true)")
     args = parser.parse_args(argv)
@@ -115,6 +120,15 @@ def main_bench(argv: list[str] | None = None) -> int:
     steps = int(cfg.generate.steps)
     # the evaluation of `synthnet evaluate evaluate.architectures=...` (no zoo here: no novelty column)
     generators = [(path, load_generator(path)) for path in files.values()]
+    for feature in args.depth_features if "family" in files else []:
+        loaded = generators[0][1]
+        if feature == getattr(loaded.model, "depth_feature", "relative"):
+            continue
+        variant = copy.deepcopy(loaded)
+        variant.model.depth_feature, variant.config = feature, {**loaded.config, "depth_feature": feature}
+        name = f"family-{feature}"
+        files[name] = files["family"].with_name(f"{name}.safetensors")  # a name for the rows; nothing is written
+        generators.append((files[name], variant))
     configs, _ = check_architectures(setting["architectures"], base, task_config, task, generators)
     found = evaluate_architectures(configs=configs, task=task, generators=generators,
                                    seeds=list(range(2_000_000, 2_000_000 + args.count)), steps=steps, recipe=recipe,
@@ -132,7 +146,8 @@ def main_bench(argv: list[str] | None = None) -> int:
                         f"{prefix}diversity_ratio": by[n]["diversity_ratio"]})
         rows.append(row)
         print(json.dumps(row), flush=True)
-    kinds = {"family": "family", "single": "one architecture", "curriculum": "family zoo -> imitation -> task"}
+    kinds = {"family": "family", "single": "one architecture", "curriculum": "family zoo -> imitation -> task",
+             **{f"family-{f}": f"the family's weights, generator.depth_feature={f}" for f in args.depth_features}}
     lines = [f"{args.setting}: family widths {setting['widths']} x depths {setting['depths']}, one architecture "
              f"{base['hidden']}; generators: " + "; ".join(f"{n} ({kinds[n]})" for n in names) +
              f"; {args.steps} task-loss steps each (family and single from a fresh generator"
