@@ -3,6 +3,7 @@ architecture with the same budget and beside SGD twins of every architecture, se
 
     python bench/families.py --setting digits-mlp [--steps 1500] [--count 16] [--root runs/families] [--depths 1 2 3]
                              [--generators family single curriculum] [--zoo-runs 1024]
+                             [--depth-features relative role] [--override key=value ...]
 
 Trains, through the CLI (``synthnet train method=task method.start=fresh``), a *family* generator
 (``method.family_widths`` / ``method.family_depths`` of the setting) and a *single* generator on the setting's
