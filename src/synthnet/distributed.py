@@ -148,13 +148,6 @@ def broadcast_float(value: float, device: torch.device | str = "cpu") -> float:
     return float(tensor)
 
 
-def teardown(wait: bool = True) -> None:
-    """Leave the process group (a no-op outside one). ``wait``: first wait for every rank: a rank that destroyed
-    its group and exited while another still worked aborted now and then on gloo ('terminate called without an
-    active exception', SIGABRT). ``wait=False`` on an error path, where the
-    other ranks may never reach the barrier. Long work of rank 0 alone goes after this call: a barrier waiting
-    for it would run into the group's timeout."""
+def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
-        if wait:
-            dist.barrier()
         dist.destroy_process_group()

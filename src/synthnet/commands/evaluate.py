@@ -116,10 +116,8 @@ def evaluate_command(cfg: DictConfig) -> None:
         logging.getLogger("synthnet").setLevel(logging.WARNING)  # rank 0 alone logs
     try:
         _evaluate(cfg)
-    except BaseException:
-        distributed.teardown(wait=False)
-        raise
-    distributed.teardown()
+    finally:
+        distributed.teardown()
 
 
 def _evaluate(cfg: DictConfig) -> None:
@@ -213,7 +211,6 @@ def _evaluate(cfg: DictConfig) -> None:
                                                                                 "checkpoint_every": None}),
             zoo_finals=zoo.finals, zoo_model=model, device=device, group_size=group_size,
             progress=bar.set_postfix_str)
-    distributed.teardown()  # the last collective is behind us: all leave together, then rank 0 scores alone
     if not main:
         return
     bar.update(3)

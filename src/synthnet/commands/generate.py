@@ -27,6 +27,7 @@ def generate_command(cfg: DictConfig) -> None:
     if rank:
         logging.getLogger("synthnet").setLevel(logging.WARNING)  # rank 0 alone logs
     _generate(cfg)
+    distributed.barrier()
     distributed.teardown()
 
 
