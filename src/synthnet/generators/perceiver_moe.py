@@ -36,6 +36,18 @@ positions, normalised per network and layer). Responses move with their neuron u
 hidden permutation, so this path is exactly equivariant. It needs the target module, which
 :func:`synthnet.generation.target_layout` puts in the layout.
 
+**Set rows** (``set_rows=True``). The row of a neuron fed by hidden units lists its incoming weights in the order
+of those units, which is arbitrary; a per-token path that reads slot ``i`` as "input unit ``i``" learns nothing
+that holds on another network, and for a width it never saw, slots it never saw. With set rows, such rows (every
+MLP layer after the first) are read as sets: an embedding of order-free statistics of the row (quantiles of its
+weights, mean, root mean square, bias) replaces the positional values, and a forward sweep from the input adds to
+row ``c`` of layer ``l`` the sum ``sum_j W_l[c, j] V(unit_j) / sqrt(n)`` over the units of layer ``l - 1``, whose
+embeddings already hold the sweep's message from below (one shared map at every depth). They are written as sets
+too: the positional head is replaced by ``a_c W[c, j] + b_c + s_j`` (a row gain and shift, an input unit's shift)
+on the weights, ``d_c`` on the bias, plus the bilinear per-connection update. The first layer keeps its positional
+rows (inputs are labelled, like classes), and so do convolutions and the dense layer after a flatten. A hidden
+permutation then permutes the output exactly.
+
 Conditioning: sinusoidal embeddings of ``t_source``, ``t_target`` and their gap, through an
 MLP, modulate every layer norm (adaLN) and are added to the latents; an optional
 ``condition`` vector (B, condition_dim) joins them for later uses.
@@ -60,6 +72,13 @@ from torch import nn
 
 from synthnet.errors import SynthNetError
 from synthnet.tokenization import KINDS, TokenLayout, detokenize
+
+
+SET_QUANTILES = torch.linspace(0.0, 1.0, 9)  # order-free summary of a set row's weights
+# token feature columns that say where a token sits inside its row (chunk position, share of valid slots)
+POSITIONAL_FEATURES = torch.zeros(len(KINDS) + 2 + 8 + 2 + 1, dtype=torch.bool)
+POSITIONAL_FEATURES[len(KINDS) + 2:len(KINDS) + 10] = True
+POSITIONAL_FEATURES[-1] = True
 
 
 def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 1000.0) -> torch.Tensor:
@@ -237,7 +256,7 @@ class PerceiverMoEGenerator(nn.Module):
                  message_rank: int = 32, max_output_units: int = 64, balance_loss_weight: float = 0.01,
                  z_loss_weight: float = 0.001, decoder_depth: int = 1, decoder_messages: bool = False,
                  probes: int = 0, probe_values: int = 1024, row_mean_scaling: bool = False,
-                 latent_dim: int = 0, depth_feature: str = "relative"):
+                 latent_dim: int = 0, depth_feature: str = "relative", set_rows: bool = False):
         super().__init__()
         if int(decoder_depth) < 1:
             raise SynthNetError(f"generator.decoder_depth must be at least 1, got {decoder_depth}")
@@ -248,6 +267,10 @@ class PerceiverMoEGenerator(nn.Module):
         self.chunk_size, self.predict, self.depth_feature = chunk_size, predict, depth_feature
         self.row_mean_scaling = bool(row_mean_scaling)
         self.neuron_messages = neuron_messages
+        self.set_rows = bool(set_rows)
+        if self.set_rows and not neuron_messages:
+            raise SynthNetError("generator.set_rows needs generator.neuron_messages: a set row's weights are written "
+                                "by the per-connection update")
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
         self.conditioning = TimeConditioning(d_model=d_model, time_dim=time_dim, condition_dim=condition_dim)
         self.latent_dim = int(latent_dim)
@@ -308,7 +331,80 @@ class PerceiverMoEGenerator(nn.Module):
                 nn.init.zeros_(self.decoder_message[name].weight)
                 nn.init.zeros_(self.decoder_message[name].bias)
 
+        if self.set_rows:  # rows fed by hidden units, read and written as sets (module docstring)
+            self.row_stats_embed = nn.Sequential(nn.Linear(len(SET_QUANTILES) + 3, d_model), nn.SiLU(),
+                                                 nn.Linear(d_model, d_model))
+            self.sweep_norm = nn.LayerNorm(d_model)
+            self.sweep_value = nn.Linear(d_model, d_model)
+            self.sweep_out = nn.Linear(d_model, d_model)
+            self.set_row_head = nn.Linear(d_model, 3)  # per row: gain on its weights, shared shift, bias update
+            self.set_col_head = nn.Linear(d_model, 1)  # per input unit: a shift of the weights it feeds
+            for layer in (self.sweep_out, self.set_row_head, self.set_col_head):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
     # ------------------------------------------------------------------ pieces
+
+    def set_layers(self, layout: TokenLayout) -> list[bool]:
+        """Per weight layer: is it read and written as a set of rows (``set_rows`` and its inputs are the units of
+        the layer below one-to-one)? Convolutions and the dense layer after a flatten keep positional rows."""
+        return [self.set_rows and _connection(layout, index) == 1 for index in range(len(layout.layers))]
+
+    def _set_row_inputs(self, tokens: torch.Tensor, layout: TokenLayout, set_layers: list[bool]) -> torch.Tensor:
+        """(B, N, D): for the tokens of set layers, an embedding of order-free statistics of their row (quantiles of
+        its weights, their mean and root mean square, the bias), the same for every chunk of the row; zero on the
+        tokens of other layers."""
+        pieces = []
+        for layer, is_set in zip(layout.layers, set_layers):
+            if not is_set:
+                pieces.append(tokens.new_zeros(tokens.shape[0], layer.num_tokens, self.row_stats_embed[-1].out_features))
+                continue
+            rows = _layer_rows(tokens, layer).flatten(2)  # (B, O, chunks * C)
+            weights = rows[..., :layer.fan_in]
+            bias = rows[..., layer.bias_slot] if layer.bias is not None else rows.new_zeros(rows.shape[:2])
+            quantiles = torch.quantile(weights, SET_QUANTILES.to(weights), dim=-1).permute(1, 2, 0)  # (B, O, Q)
+            stats = torch.cat([quantiles, weights.mean(-1, keepdim=True),
+                               weights.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt(), bias[..., None]], dim=-1)
+            embedded = self.row_stats_embed(stats)  # (B, O, D)
+            pieces.append(embedded[:, :, None].expand(-1, -1, layer.chunks_per_row, -1).flatten(1, 2))
+        return torch.cat(pieces, dim=1)
+
+    def _forward_sweep(self, h: torch.Tensor, tokens: torch.Tensor, layout: TokenLayout,
+                       set_layers: list[bool]) -> torch.Tensor:
+        """Layer by layer from the input: each set row c of layer l adds ``sum_j W_l[c, j] V(norm(unit_j)) / sqrt(n)``
+        over the units j of layer l - 1, whose embeddings already hold this sweep's message from below, so a row
+        learns what its inputs compute at any depth with one shared map."""
+        pieces = [_layer_rows(h, layer) for layer in layout.layers]  # (B, O, K, D) each
+        for index, (layer, is_set) in enumerate(zip(layout.layers, set_layers)):
+            if not is_set:
+                continue
+            previous = layout.layers[index - 1]
+            units = self.sweep_value(self.sweep_norm(pieces[index - 1].mean(2)))  # (B, O_prev, D)
+            weights = _layer_rows(tokens, layer).flatten(2)[..., :previous.out_units]  # (B, O, O_prev)
+            message = torch.einsum("bcj,bjd->bcd", weights, units) / math.sqrt(previous.out_units)
+            pieces[index] = pieces[index] + self.sweep_out(message)[:, :, None]
+        return torch.cat([piece.flatten(1, 2) for piece in pieces], dim=1)
+
+    def _set_row_update(self, out: torch.Tensor, e: torch.Tensor, tokens: torch.Tensor, layout: TokenLayout,
+                        set_layers: list[bool]) -> torch.Tensor:
+        """Replace the positional head's update on set layers by ``a_c W[c, j] + b_c + s_j`` on the weights and
+        ``d_c`` on the bias (a, b, d from the row's features, s from input unit j's): order-free, so a hidden
+        permutation permutes it exactly and a wider layer is only more of the same."""
+        pieces = []
+        for index, (layer, is_set) in enumerate(zip(layout.layers, set_layers)):
+            block = out[:, layer.first_token:layer.first_token + layer.num_tokens]
+            if is_set:
+                rows = _layer_rows(tokens, layer).flatten(2)  # (B, O, chunks * C)
+                gain, shift, bias = self.set_row_head(_layer_rows(e, layer).mean(2)).unbind(-1)  # (B, O) each
+                columns = self.set_col_head(_layer_rows(e, layout.layers[index - 1]).mean(2))[..., 0]  # (B, O_prev)
+                update = torch.zeros_like(rows)
+                fan_in = layer.fan_in
+                update[..., :fan_in] = gain[..., None] * rows[..., :fan_in] + shift[..., None] + columns[:, None]
+                if layer.bias is not None:
+                    update[..., layer.bias_slot] = bias
+                block = update.reshape(block.shape)
+            pieces.append(block)
+        return torch.cat(pieces, dim=1)
 
     def token_features(self, layout: TokenLayout) -> torch.Tensor:
         """(N, F) structural features of every token (no neuron index)."""
@@ -442,12 +538,23 @@ class PerceiverMoEGenerator(nn.Module):
             z = self.latent_mean.expand(b, -1) if latent is None else latent.to(cond.dtype)
             cond = cond + self.latent_proj(z)
         values = torch.cat([tokens * mask, mask.expand(b, -1, -1)], dim=-1)
-        h = self.value_embed(values) + self.feature_embed(self.token_features(layout))[None]  # (B, N, D)
+        features = self.token_features(layout)
+        set_layers = self.set_layers(layout)
+        if any(set_layers):  # set rows: no value in a fixed slot, no chunk position, no share of valid slots
+            is_set = torch.cat([torch.full((layer.num_tokens,), flag, device=tokens.device)
+                                for layer, flag in zip(layout.layers, set_layers)])
+            values = values * (~is_set)[None, :, None]
+            features = features.masked_fill(is_set[:, None] & POSITIONAL_FEATURES.to(features.device)[None], 0.0)
+        h = self.value_embed(values) + self.feature_embed(features)[None]  # (B, N, D)
+        if any(set_layers):
+            h = h + self._set_row_inputs(tokens * mask, layout, set_layers)
         h = h + self.output_embedding(layout)[None]
         if self.probes:
             h = h + self._probe_features(tokens * mask, layout)
         if self.neuron_messages:
             h = self._messages_in(h, tokens * mask, layout)
+        if any(set_layers):
+            h = self._forward_sweep(h, tokens * mask, layout, set_layers)
         queries = self.query_norm(h, cond)
         latents = self.latents[None].expand(b, -1, -1) + cond[:, None]
         latents = latents + self.encode_attn(self.encode_norm(latents, cond), queries)
@@ -463,6 +570,10 @@ class PerceiverMoEGenerator(nn.Module):
             e = e + self.decoder_message_ff(self.decoder_message_norm(e, cond))
         e = self.out_norm(e, cond)
         out = self.head(e)
+        if any(set_layers):
+            out = self._set_row_update(out, e, tokens * mask, layout, set_layers)
+            if self.predict == "direct":
+                out = torch.where(is_set[None, :, None], out + tokens, out)
         if self.neuron_messages:
             out = out + self._edge_update(e, layout)
         if self.row_mean_scaling:
