@@ -75,6 +75,7 @@ from synthnet.tokenization import KINDS, TokenLayout, detokenize
 
 
 SET_QUANTILES = torch.linspace(0.0, 1.0, 9)  # order-free summary of a set row's weights
+SET_EDGE_FEATURES, SET_EDGE_HIDDEN = 8, 32  # the per-connection MLP of set rows: features per side, hidden width
 # token feature columns that say where a token sits inside its row (chunk position, share of valid slots)
 POSITIONAL_FEATURES = torch.zeros(len(KINDS) + 2 + 8 + 2 + 1, dtype=torch.bool)
 POSITIONAL_FEATURES[len(KINDS) + 2:len(KINDS) + 10] = True
@@ -337,11 +338,19 @@ class PerceiverMoEGenerator(nn.Module):
             self.sweep_norm = nn.LayerNorm(d_model)
             self.sweep_value = nn.Linear(d_model, d_model)
             self.sweep_out = nn.Linear(d_model, d_model)
-            self.set_row_head = nn.Linear(d_model, 3)  # per row: gain on its weights, shared shift, bias update
-            self.set_col_head = nn.Linear(d_model, 1)  # per input unit: a shift of the weights it feeds
-            for layer in (self.sweep_out, self.set_row_head, self.set_col_head):
+            self.back_norm = nn.LayerNorm(d_model)  # the backward messages become a sweep from the read-out down
+            # per connection: MLP(W[c, j], row features of c, features of input unit j); a bias update per row
+            self.set_row_head = nn.Linear(d_model, SET_EDGE_FEATURES + 1)
+            self.set_col_head = nn.Linear(d_model, SET_EDGE_FEATURES)
+            self.set_edge_hidden = nn.Linear(1, SET_EDGE_HIDDEN, bias=False)
+            self.set_edge_row = nn.Linear(SET_EDGE_FEATURES, SET_EDGE_HIDDEN)
+            self.set_edge_col = nn.Linear(SET_EDGE_FEATURES, SET_EDGE_HIDDEN, bias=False)
+            self.set_edge_out = nn.Linear(SET_EDGE_HIDDEN, 1)
+            for layer in (self.sweep_out, self.set_edge_out):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
+            nn.init.zeros_(self.set_row_head.weight)
+            nn.init.zeros_(self.set_row_head.bias)
 
     # ------------------------------------------------------------------ pieces
 
@@ -387,21 +396,24 @@ class PerceiverMoEGenerator(nn.Module):
 
     def _set_row_update(self, out: torch.Tensor, e: torch.Tensor, tokens: torch.Tensor, layout: TokenLayout,
                         set_layers: list[bool]) -> torch.Tensor:
-        """Replace the positional head's update on set layers by ``a_c W[c, j] + b_c + s_j`` on the weights and
-        ``d_c`` on the bias (a, b, d from the row's features, s from input unit j's): order-free, so a hidden
-        permutation permutes it exactly and a wider layer is only more of the same."""
+        """Replace the positional head's update on set layers by ``MLP(W[c, j], r_c, s_j)`` on the weights (r from
+        row c's features, s from input unit j's) and ``d_c`` on the bias: the same function at every connection, so a
+        hidden permutation permutes it exactly and a wider layer is only more of the same."""
         pieces = []
         for index, (layer, is_set) in enumerate(zip(layout.layers, set_layers)):
             block = out[:, layer.first_token:layer.first_token + layer.num_tokens]
             if is_set:
                 rows = _layer_rows(tokens, layer).flatten(2)  # (B, O, chunks * C)
-                gain, shift, bias = self.set_row_head(_layer_rows(e, layer).mean(2)).unbind(-1)  # (B, O) each
-                columns = self.set_col_head(_layer_rows(e, layout.layers[index - 1]).mean(2))[..., 0]  # (B, O_prev)
+                *row_features, bias = self.set_row_head(_layer_rows(e, layer).mean(2)).split(
+                    [SET_EDGE_FEATURES, 1], dim=-1)  # (B, O, k), (B, O, 1)
+                columns = self.set_col_head(_layer_rows(e, layout.layers[index - 1]).mean(2))  # (B, O_prev, k)
+                weights = rows[..., :layer.fan_in]  # (B, O, O_prev)
+                hidden = (self.set_edge_hidden(weights[..., None]) + self.set_edge_row(row_features[0])[:, :, None]
+                          + self.set_edge_col(columns)[:, None])  # (B, O, O_prev, H)
                 update = torch.zeros_like(rows)
-                fan_in = layer.fan_in
-                update[..., :fan_in] = gain[..., None] * rows[..., :fan_in] + shift[..., None] + columns[:, None]
+                update[..., :layer.fan_in] = self.set_edge_out(F.silu(hidden))[..., 0]
                 if layer.bias is not None:
-                    update[..., layer.bias_slot] = bias
+                    update[..., layer.bias_slot] = bias[..., 0]
                 block = update.reshape(block.shape)
             pieces.append(block)
         return torch.cat(pieces, dim=1)
@@ -459,20 +471,22 @@ class PerceiverMoEGenerator(nn.Module):
         return torch.cat(pieces, dim=1)
 
     def _messages_in(self, h: torch.Tensor, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """Add to every hidden neuron's tokens its outgoing weights, weighted by receiving-row embeddings."""
-        pieces = []
-        for index, layer in enumerate(layout.layers):
-            rows = _layer_rows(h, layer)  # (B, O, K, D)
-            if index + 1 < len(layout.layers) and _connection(layout, index + 1):
-                nxt = layout.layers[index + 1]
-                repeat = _connection(layout, index + 1)
-                weights = _layer_rows(tokens, nxt).flatten(2)[..., :layer.out_units * repeat]  # (B, O', O*rep)
-                weights = weights.reshape(*weights.shape[:2], layer.out_units, repeat).mean(-1)  # (B, O', O)
-                receivers = self.message_value(_layer_rows(h, nxt).mean(2))  # (B, O', D)
-                message = torch.einsum("bcj,bcd->bjd", weights, receivers) / math.sqrt(nxt.out_units)
-                rows = rows + self.message_in(message)[:, :, None]
-            pieces.append(rows.flatten(1, 2))
-        return torch.cat(pieces, dim=1)
+        """Add to every hidden neuron's tokens its outgoing weights, weighted by receiving-row embeddings. With
+        ``set_rows`` it is a sweep from the read-out down: the receiving rows' embeddings (normalised) already hold
+        the messages from above, as a gradient carries the loss down through every layer."""
+        pieces = [_layer_rows(h, layer) for layer in layout.layers]  # (B, O, K, D) each
+        for index in reversed(range(len(layout.layers) - 1)):
+            repeat = _connection(layout, index + 1)
+            if not repeat:
+                continue
+            layer, nxt = layout.layers[index], layout.layers[index + 1]
+            weights = _layer_rows(tokens, nxt).flatten(2)[..., :layer.out_units * repeat]  # (B, O', O*rep)
+            weights = weights.reshape(*weights.shape[:2], layer.out_units, repeat).mean(-1)  # (B, O', O)
+            receivers = pieces[index + 1].mean(2) if self.set_rows else _layer_rows(h, nxt).mean(2)
+            receivers = self.message_value(self.back_norm(receivers) if self.set_rows else receivers)  # (B, O', D)
+            message = torch.einsum("bcj,bcd->bjd", weights, receivers) / math.sqrt(nxt.out_units)
+            pieces[index] = pieces[index] + self.message_in(message)[:, :, None]
+        return torch.cat([piece.flatten(1, 2) for piece in pieces], dim=1)
 
     def _two_way_messages(self, e: torch.Tensor, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Messages along real connections in both directions, on features e (B, N, D) -> update (B, N, D).
@@ -551,10 +565,10 @@ class PerceiverMoEGenerator(nn.Module):
         h = h + self.output_embedding(layout)[None]
         if self.probes:
             h = h + self._probe_features(tokens * mask, layout)
+        if any(set_layers):  # what each unit computes (from the input up), then what it should do (from the top)
+            h = self._forward_sweep(h, tokens * mask, layout, set_layers)
         if self.neuron_messages:
             h = self._messages_in(h, tokens * mask, layout)
-        if any(set_layers):
-            h = self._forward_sweep(h, tokens * mask, layout, set_layers)
         queries = self.query_norm(h, cond)
         latents = self.latents[None].expand(b, -1, -1) + cond[:, None]
         latents = latents + self.encode_attn(self.encode_norm(latents, cond), queries)
