@@ -150,6 +150,27 @@ def test_true_hidden_permutation_is_not_exactly_equivariant():
     assert error < unrelated  # ... but far closer than another network's output
 
 
+@pytest.mark.parametrize("options", [{}, {"predict": "direct"}, {"decoder_messages": True, "row_mean_scaling": True}])
+def test_set_rows_make_a_true_hidden_permutation_exactly_equivariant(options):
+    """With ``set_rows`` no path reads a value of a hidden-fed row by its slot: permuting hidden units (rows of
+    layer l, columns of layer l + 1) permutes the output the same way, to float rounding, where the default
+    generator is off by far more (the test above)."""
+    template, layout, model, tokens, states = _setup(neuron_messages=True, set_rows=True, **options)
+    assert model.set_layers(layout) == [False, True, True]  # the first layer reads labelled inputs
+    specs = template.layer_specs()
+    perms = random_permutations(specs, states[0], torch.Generator().manual_seed(3))
+    permuted_states = [permute_hidden(s, specs, perms) for s in states]
+    permuted = tokenize({k: torch.stack([s[k] for s in permuted_states]) for k in states[0]}, layout)
+    with torch.no_grad():
+        out = model(tokens, *_times(3), layout)
+        out_perm = model(permuted, *_times(3), layout)
+    index = permutation_index(layout, specs, perms).expand(3, -1)
+    assert (out_perm - apply_index(out, index)).abs().max() < 1e-5
+    assert (out - tokens).abs().max() > 0.1  # and the generator really changed the weights
+    with pytest.raises(SynthNetError, match="set_rows needs"):
+        _setup(neuron_messages=False, set_rows=True)
+
+
 @pytest.mark.parametrize("neuron_messages", [True, False])
 def test_messages_follow_the_connections(neuron_messages):
     """Changing hidden unit j's outgoing weights changes what the generator writes for unit j's

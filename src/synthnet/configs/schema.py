@@ -109,9 +109,9 @@ _GENERATOR_OPTIONS: dict[str, tuple[str, dict]] = {
                       "the hidden-to-hidden layers seen in training; equal to relative for one or two hidden layers)",
                       dict(choices=("relative", "role"))),
     "set_rows": ("read and write the rows fed by hidden units (MLP layers after the first) as sets: order-free row "
-                 "statistics and a forward sweep in, a per-row gain / shift and the per-connection update out; no value "
-                 "sits in a fixed slot, so hidden permutations permute the output exactly and widths transfer "
-                 "(needs neuron_messages)", {}),
+                 "statistics and a forward sweep in, a backward sweep from the read-out, one MLP per connection out; no "
+                 "value sits in a fixed slot, so hidden permutations permute the output exactly and widths and depths "
+                 "transfer (README Families; needs neuron_messages; train it with row_mean_scaling)", {}),
     "hidden": ("MLP width", dict(low=1, high=1 << 16)),
     "num_layers": ("hidden layers", dict(low=1, high=1024)),
 }

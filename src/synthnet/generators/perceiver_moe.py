@@ -43,8 +43,11 @@ MLP layer after the first) are read as sets: an embedding of order-free statisti
 weights, mean, root mean square, bias) replaces the positional values, and a forward sweep from the input adds to
 row ``c`` of layer ``l`` the sum ``sum_j W_l[c, j] V(unit_j) / sqrt(n)`` over the units of layer ``l - 1``, whose
 embeddings already hold the sweep's message from below (one shared map at every depth). They are written as sets
-too: the positional head is replaced by ``a_c W[c, j] + b_c + s_j`` (a row gain and shift, an input unit's shift)
-on the weights, ``d_c`` on the bias, plus the bilinear per-connection update. The first layer keeps its positional
+too: the positional head's update is replaced by one small MLP applied at every connection, of ``W[c, j]``, features
+of row ``c`` and features of input unit ``j``, plus a bias update per row and the bilinear per-connection update.
+With ``set_rows`` the in-message from the layer above becomes a sweep from the read-out down (each layer's receiving
+rows already hold the message from above, normalised), so with the forward sweep a unit's embedding describes both
+what it computes and what the layers above make of it, at any depth. The first layer keeps its positional
 rows (inputs are labelled, like classes), and so do convolutions and the dense layer after a flatten. A hidden
 permutation then permutes the output exactly.
 
