@@ -64,15 +64,18 @@ def _test_accuracy(folder):
 
 
 def test_a_generator_trained_over_a_family_makes_unseen_depths_and_widths(tmp_path, capsys):
-    """A tiny family (widths 12/16/24, one or two hidden layers), 300 task-loss steps from a fresh generator:
-    from the CLI it makes networks of a depth (three hidden layers) and a width (20) it never saw above chance
-    (0.1; measured when written, 8 networks each: 0.24 (min 0.19), 0.49 and 0.62 on its own 16). A generator trained on one architecture stays at chance on an unseen depth (the strict
-    expected failure in test_generators.py); this test fails if training over a family stops fixing that."""
+    """A tiny family (widths 12/16/24, one or two hidden layers), 300 task-loss steps from a fresh generator with set
+    rows: from the CLI it makes networks of a depth (three hidden layers) and a width (20) it never saw far above
+    chance (0.1; measured when written, 8 networks each: 0.36, 0.43 and 0.46 on its own 16; the same
+    training without set rows gave 0.24, 0.49 and 0.62). A generator trained on one architecture stays at
+    chance on an unseen depth (the strict expected failure in test_generators.py); this test fails if training over
+    a family with set rows stops fixing that."""
     common = ["target=mlp", "task=digits", f"paths.root={tmp_path}", "progress=false", *TINY]
     assert main(["train", *common, "method=task", "method.start=fresh", "method.anchor_weight=0.01",
                  "method.steps=300", "method.inits_per_step=4", "method.batch_size=128", "method.eval_every=100",
                  "method.save_every=100", "method.log_every=100", "method.val_inits=4", "method.patience=0",
-                 "method.family_widths=[12,16,24]", "method.family_depths=[1,2]"]) == 0
+                 "method.family_widths=[12,16,24]", "method.family_depths=[1,2]",
+                 "generator.set_rows=true", "generator.row_mean_scaling=true"]) == 0
     generator = tmp_path / "digits-mlp" / "generators" / "perceiver_moe-task-fresh.safetensors"
     accuracy = {}
     for hidden, tag in (("[16,16,16]", "hidden-16-16-16"), ("[20]", "hidden-20"), ("[16]", None)):
@@ -83,8 +86,10 @@ def test_a_generator_trained_over_a_family_makes_unseen_depths_and_widths(tmp_pa
         assert ("zero-shot" in out) == (tag is not None)  # 16 is a member of the family: seen
         folder = generator.parent.parent / "generated" / generator.stem
         accuracy[hidden] = _test_accuracy(folder / tag if tag else folder)
-    assert accuracy["[16,16,16]"] > 0.17, accuracy
-    assert accuracy["[20]"] > 0.35 and accuracy["[16]"] > 0.45, accuracy
+    assert accuracy["[16,16,16]"] > 0.25, accuracy
+    assert accuracy["[20]"] > 0.33 and accuracy["[16]"] > 0.38, accuracy
+    # the unseen depth keeps most of what the seen architecture reaches (without set rows: 0.24 against 0.62)
+    assert accuracy["[16,16,16]"] > 0.6 * accuracy["[16]"], accuracy
     # the same generator through `synthnet evaluate evaluate.architectures=...`: held-out rows beside SGD twins
     assert main(["zoo", *common, "zoo.runs=3", "zoo.epochs=3"]) == 0
     evaluate = ["evaluate", *common, f"evaluate.generators=[{generator}]", "evaluate.count=4",
@@ -106,7 +111,7 @@ def test_a_generator_trained_over_a_family_makes_unseen_depths_and_widths(tmp_pa
         assert row["twin_accuracy"] > 0.5 and row["networks"] == 4
         assert row["accuracy_ratio"] == pytest.approx(row["generated_accuracy"] / row["twin_accuracy"])
         assert row["diversity_ratio"] > 0 and row["input_sensitivity_ratio"] > 0 and row["novelty_ratio"] > 0
-    assert rows["64-16-10"]["generated_accuracy"] > 0.45 and rows["64-16-16-16-10"]["generated_accuracy"] > 0.17
+    assert rows["64-16-10"]["generated_accuracy"] > 0.35 and rows["64-16-16-16-10"]["generated_accuracy"] > 0.25
     assert "## Held-out architectures" in report.with_name("report.md").read_text()
 
 

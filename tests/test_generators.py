@@ -154,19 +154,24 @@ def test_true_hidden_permutation_is_not_exactly_equivariant():
 def test_set_rows_make_a_true_hidden_permutation_exactly_equivariant(options):
     """With ``set_rows`` no path reads a value of a hidden-fed row by its slot: permuting hidden units (rows of
     layer l, columns of layer l + 1) permutes the output the same way, to float rounding, where the default
-    generator is off by far more (the test above)."""
-    template, layout, model, tokens, states = _setup(neuron_messages=True, set_rows=True, **options)
+    generator is off by far more (the test above); also on a width it was not built for, whose rows span two
+    tokens."""
+    _, layout, model, _, _ = _setup(neuron_messages=True, set_rows=True, **options)
     assert model.set_layers(layout) == [False, True, True]  # the first layer reads labelled inputs
-    specs = template.layer_specs()
-    perms = random_permutations(specs, states[0], torch.Generator().manual_seed(3))
-    permuted_states = [permute_hidden(s, specs, perms) for s in states]
-    permuted = tokenize({k: torch.stack([s[k] for s in permuted_states]) for k in states[0]}, layout)
-    with torch.no_grad():
-        out = model(tokens, *_times(3), layout)
-        out_perm = model(permuted, *_times(3), layout)
-    index = permutation_index(layout, specs, perms).expand(3, -1)
-    assert (out_perm - apply_index(out, index)).abs().max() < 1e-5
-    assert (out - tokens).abs().max() > 0.1  # and the generator really changed the weights
+    for target in (TARGET, {**TARGET, "hidden": [20, 8]}):
+        template, layout = target_layout(target, (1, 8, 8), 10, 16)
+        states = [build_target(target, (1, 8, 8), 10).state_dict() for _ in range(3)]
+        tokens = tokenize({k: torch.stack([s[k] for s in states]) for k in states[0]}, layout)
+        specs = template.layer_specs()
+        perms = random_permutations(specs, states[0], torch.Generator().manual_seed(3))
+        permuted_states = [permute_hidden(s, specs, perms) for s in states]
+        permuted = tokenize({k: torch.stack([s[k] for s in permuted_states]) for k in states[0]}, layout)
+        with torch.no_grad():
+            out = model(tokens, *_times(3), layout)
+            out_perm = model(permuted, *_times(3), layout)
+        index = permutation_index(layout, specs, perms).expand(3, -1)
+        assert (out_perm - apply_index(out, index)).abs().max() < 1e-5, target
+        assert (out - tokens).abs().max() > 0.1  # and the generator really changed the weights
     with pytest.raises(SynthNetError, match="set_rows needs"):
         _setup(neuron_messages=False, set_rows=True)
 
