@@ -16,6 +16,9 @@ of the single generator's and of the twins, the ratio to the twins and the diver
 disagreement of test predictions, generated / twins). Selection inside training reads the validation split; the
 test split only feeds this table.
 
+The generator that transfers to unseen depths is trained with ``--override generator.set_rows=true
+generator.row_mean_scaling=true`` (README, Families); without overrides both generators use the defaults.
+
 ``--generators ... curriculum`` adds (or runs alone) a generator over the same family trained the way the
 results table trains one architecture: a zoo over the family (``zoo.family_*``, ``--zoo-runs`` runs with the
 setting's recipe), imitation on it, then the task loss over the family from that imitation generator (anchored
