@@ -407,11 +407,11 @@ class PerceiverMoEGenerator(nn.Module):
             block = out[:, layer.first_token:layer.first_token + layer.num_tokens]
             if is_set:
                 rows = _layer_rows(tokens, layer).flatten(2)  # (B, O, chunks * C)
-                *row_features, bias = self.set_row_head(_layer_rows(e, layer).mean(2)).split(
+                row_features, bias = self.set_row_head(_layer_rows(e, layer).mean(2)).split(
                     [SET_EDGE_FEATURES, 1], dim=-1)  # (B, O, k), (B, O, 1)
                 columns = self.set_col_head(_layer_rows(e, layout.layers[index - 1]).mean(2))  # (B, O_prev, k)
                 weights = rows[..., :layer.fan_in]  # (B, O, O_prev)
-                hidden = (self.set_edge_hidden(weights[..., None]) + self.set_edge_row(row_features[0])[:, :, None]
+                hidden = (self.set_edge_hidden(weights[..., None]) + self.set_edge_row(row_features)[:, :, None]
                           + self.set_edge_col(columns)[:, None])  # (B, O, O_prev, H)
                 update = torch.zeros_like(rows)
                 update[..., :layer.fan_in] = self.set_edge_out(F.silu(hidden))[..., 0]
