@@ -122,16 +122,23 @@ def test_role_depth_feature_equals_relative_up_to_two_hidden_layers_and_repeats_
         _setup(depth_feature="absolute")
 
 
+def _true_permutation(template, layout, states, seed=3):
+    """A function-preserving permutation of the hidden units of ``states``: the permuted states' tokens and the
+    token-value index that maps the original tokens onto them."""
+    specs = template.layer_specs()
+    perms = random_permutations(specs, states[0], torch.Generator().manual_seed(seed))
+    permuted_states = [permute_hidden(s, specs, perms) for s in states]
+    permuted = tokenize({k: torch.stack([s[k] for s in permuted_states]) for k in states[0]}, layout)
+    return permuted_states, permuted, permutation_index(layout, specs, perms).expand(len(states), -1)
+
+
 def test_true_hidden_permutation_is_not_exactly_equivariant():
     """A function-preserving permutation moves the rows of layer l *and* the values inside the
     tokens of layer l + 1. The per-token path reads those values in a fixed order, so the output
     is not exactly the permuted output; the neuron-message paths, which follow the connections,
     keep the deviation smaller than what an unrelated network would give."""
     template, layout, model, tokens, states = _setup(neuron_messages=True)
-    specs = template.layer_specs()
-    perms = random_permutations(specs, states[0], torch.Generator().manual_seed(3))
-    permuted_states = [permute_hidden(s, specs, perms) for s in states]
-    permuted = tokenize({k: torch.stack([s[k] for s in permuted_states]) for k in states[0]}, layout)
+    permuted_states, permuted, index = _true_permutation(template, layout, states)
     # the permuted input computes the same function and is the token-level picture the docstring describes
     x = torch.randn(5, 1, 8, 8)
     template.load_state_dict(states[0])
@@ -141,7 +148,6 @@ def test_true_hidden_permutation_is_not_exactly_equivariant():
     with torch.no_grad():
         out = model(tokens, *_times(3), layout)
         out_perm = model(permuted, *_times(3), layout)
-    index = permutation_index(layout, specs, perms).expand(3, -1)
     assert torch.equal(apply_index(tokens, index), permuted)  # the same map, on tokens
     expected = apply_index(out, index)  # what exact equivariance would give
     error = (out_perm - expected).abs().max()
@@ -162,14 +168,10 @@ def test_set_rows_make_a_true_hidden_permutation_exactly_equivariant(options):
         template, layout = target_layout(target, (1, 8, 8), 10, 16)
         states = [build_target(target, (1, 8, 8), 10).state_dict() for _ in range(3)]
         tokens = tokenize({k: torch.stack([s[k] for s in states]) for k in states[0]}, layout)
-        specs = template.layer_specs()
-        perms = random_permutations(specs, states[0], torch.Generator().manual_seed(3))
-        permuted_states = [permute_hidden(s, specs, perms) for s in states]
-        permuted = tokenize({k: torch.stack([s[k] for s in permuted_states]) for k in states[0]}, layout)
+        _, permuted, index = _true_permutation(template, layout, states)
         with torch.no_grad():
             out = model(tokens, *_times(3), layout)
             out_perm = model(permuted, *_times(3), layout)
-        index = permutation_index(layout, specs, perms).expand(3, -1)
         assert (out_perm - apply_index(out, index)).abs().max() < 1e-5, target
         assert (out - tokens).abs().max() > 0.1  # and the generator really changed the weights
     with pytest.raises(SynthNetError, match="set_rows needs"):

@@ -79,8 +79,10 @@ from synthnet.tokenization import KINDS, TokenLayout, detokenize
 
 SET_QUANTILES = torch.linspace(0.0, 1.0, 9)  # order-free summary of a set row's weights
 SET_EDGE_FEATURES, SET_EDGE_HIDDEN = 8, 32  # the per-connection MLP of set rows: features per side, hidden width
-# token feature columns that say where a token sits inside its row (chunk position, share of valid slots)
-POSITIONAL_FEATURES = torch.zeros(len(KINDS) + 2 + 8 + 2 + 1, dtype=torch.bool)
+# columns of token_features: kind one-hot, depth, is_output, chunk position (8), log fan-in, log fan-out, valid share
+NUM_TOKEN_FEATURES = len(KINDS) + 2 + 8 + 2 + 1
+# the columns that say where a token sits inside its row (chunk position, share of valid slots)
+POSITIONAL_FEATURES = torch.zeros(NUM_TOKEN_FEATURES, dtype=torch.bool)
 POSITIONAL_FEATURES[len(KINDS) + 2:len(KINDS) + 10] = True
 POSITIONAL_FEATURES[-1] = True
 
@@ -283,8 +285,7 @@ class PerceiverMoEGenerator(nn.Module):
             nn.init.normal_(self.latent_proj.weight, std=self.latent_dim ** -0.5)
             self.latent_mean = nn.Parameter(torch.zeros(self.latent_dim))
         self.value_embed = nn.Linear(2 * chunk_size, d_model)  # values and validity mask
-        num_features = len(KINDS) + 2 + 8 + 2 + 1  # kind, depth, is_output, chunk position, fan-in/out, valid share
-        self.feature_embed = nn.Sequential(nn.Linear(num_features, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+        self.feature_embed = nn.Sequential(nn.Linear(NUM_TOKEN_FEATURES, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
         self.max_output_units = max_output_units
         self.output_unit_embed = nn.Embedding(max_output_units, d_model)  # class identity of read-out rows
         self.query_norm = AdaLayerNorm(d_model)
